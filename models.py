@@ -1,0 +1,151 @@
+"""Building and loading causal language models and their tokenizers.
+
+Two kinds of model config exist under `configs/model/`:
+
+- `tiny`: a GPT-NeoX (Pythia) network built from `model.architecture` with
+  random weights, and a byte-level BPE tokenizer trained on the run's own
+  texts; both are saved with the SFT checkpoint, so later stages load them
+  like any other checkpoint.
+- hub models (`pythia-*`): `model.name` and `model.tokenizer` are hub ids or
+  local paths, loaded with `from_pretrained`.
+"""
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|padding|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map `model.dtype` to a torch dtype, raising ValueError for unknown names."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with Pythia's special tokens on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+    )
+
+
+def build_tiny_model(architecture, tokenizer, seed: int) -> GPTNeoXForCausalLM:
+    """Build a randomly initialised GPT-NeoX model sized by `model.architecture`."""
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=architecture.hidden_size,
+        num_hidden_layers=architecture.num_layers,
+        num_attention_heads=architecture.num_heads,
+        intermediate_size=4 * architecture.hidden_size,
+        max_position_embeddings=architecture.max_position_embeddings,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool):
+    """Load a tokenizer and give it a pad token (EOS) when it has none, as Pythia's lacks one."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"Tokenizer {name_or_path!r} has no EOS token; responses must end with one. "
+            "Set model.tokenizer to a tokenizer that defines eos_token."
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: str, trust_remote_code: bool):
+    """Load a causal LM from the hub or a local checkpoint in `dtype`."""
+    return AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Tell whether `path` holds a complete Hugging Face model checkpoint."""
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    return (path / "config.json").is_file() and has_weights
+
+
+def newest_sft_checkpoint(outputs_dir: Path) -> Path | None:
+    """Find the most recently saved SFT model under `outputs_dir`, or None.
+
+    SFT runs write their final model to `<run>/model` with a `sft_config.yaml`
+    beside the weights; checkpoints are renamed into place only when complete,
+    so a directory found here is never half-written.
+    """
+    if not outputs_dir.is_dir():
+        return None
+    candidates = [
+        marker.parent
+        for marker in outputs_dir.rglob("model/sft_config.yaml")
+        if is_checkpoint_dir(marker.parent)
+    ]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda path: (path / "sft_config.yaml").stat().st_mtime)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to zero, so policy and reference score alike."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the log-probs of each sequence's label tokens; return (sums, token counts).
+
+    Labels equal to -100 (prompt and padding) are skipped. Logits are upcast to
+    float32, and the label log-probs are taken as the gathered logit minus the
+    log-sum-exp, so no second vocabulary-sized tensor of log-softmax is built.
+    Both outputs have shape (batch,).
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    label_logits = torch.gather(logits, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    token_logps = (label_logits - torch.logsumexp(logits, dim=-1)) * mask
+    return token_logps.sum(-1), mask.sum(-1)
