@@ -173,7 +173,9 @@ def _read_json_lines(path: Path) -> Iterator[tuple[dict, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})")
+                raise DataError(
+                    f"{where}: malformed JSON ({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield row, where
