@@ -185,6 +185,7 @@ def log_reward_statistics(splits: data.PreferenceSplits) -> None:
 def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run preference training and return the final eval metrics."""
     started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
     spec = validate_dpo_config(config)
     accumulation_steps = training.validate_training_config(config.training)
     checkpoint = resolve_checkpoint(config)

@@ -73,6 +73,7 @@ def evaluate(accelerator, model, loader) -> dict[str, float]:
 def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run supervised fine-tuning and return the final eval metrics."""
     started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
     accumulation_steps = training.validate_training_config(config.training)
     accelerator = training.make_accelerator(config.training)
 
