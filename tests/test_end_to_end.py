@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import yaml
+from conftest import CONFIG_DIR, REPO_ROOT, compose_config
 
 import data
 import dpo
 import sft
-from conftest import CONFIG_DIR, REPO_ROOT, compose_config
 
 TINY_MODEL = [
     "model.architecture.hidden_size=32",

@@ -4,13 +4,13 @@ import os
 
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import data
 import models
 import training
-from conftest import compose_config
 
 ARCHITECTURE = OmegaConf.create(
     {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 128}
@@ -158,3 +158,22 @@ def test_wandb_credentials_from_environment(monkeypatch, tmp_path):
     assert not training.wandb_credentials_found()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert training.wandb_credentials_found()
+
+
+def test_wandb_logs_offline_without_credentials(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level("INFO", logger="training")
+    config = compose_config("dpo", [])
+    accelerator = training.make_accelerator(config.training)
+
+    run = training.init_wandb(config, tmp_path, accelerator)
+    metrics = training.MetricsLogger(tmp_path, run)
+    metrics.log("eval", 0, {"rewards/margins": 0.0})
+    metrics.close()
+
+    notices = [record for record in caplog.records if "No W&B credentials" in record.message]
+    assert len(notices) == 1
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
