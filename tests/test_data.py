@@ -328,3 +328,25 @@ def test_sequence_logps_sum_only_response_tokens(tokenizer):
     )
     assert counts.tolist() == [len(tokenized.chosen_ids), len(tokenized.rejected_ids)]
     assert sums[0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_hub_loader_reads_dataset_repository_layout(tmp_path, monkeypatch):
+    # load_dataset treats a local directory like a hub repository, so the hub
+    # code path (splits, data_dir) runs offline on the same layout.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    subset = tmp_path / "harmless-base"
+    subset.mkdir()
+    hh_rows = [{"chosen": f"\n\nHuman: q{index}\n\nAssistant: good {index}",
+                "rejected": f"\n\nHuman: q{index}\n\nAssistant: bad {index}"} for index in range(4)]
+    write_rows(subset / "train.jsonl", hh_rows[:3])
+    write_rows(subset / "test.jsonl", hh_rows[3:])
+    train, test = data.load_hub_pairs(str(tmp_path), "harmless-base", "train", "test")
+    assert [pair.chosen for pair in train] == [" good 0", " good 1", " good 2"]
+    assert [pair.rejected for pair in test] == [" bad 3"]
+
+
+def test_hub_loader_rejects_missing_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_rows(tmp_path / "test.jsonl", ROWS)
+    with pytest.raises(data.DataError, match="has no split 'train'"):
+        data.load_hub_pairs(str(tmp_path), None, "train", "test")
