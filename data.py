@@ -235,7 +235,7 @@ def load_local_pairs(path: Path) -> tuple[list[PreferencePair], list[PreferenceP
     """Load pairs from a file or a directory; return (train, test or None).
 
     A directory is read like the HH-RLHF release: files named `train*` and
-    `test*` with a supported suffix. When it holds only one of the two, that
+    `test*` with a supported suffix. When it contains only one of the two, that
     split is the whole source and a held-out split is carved from it later.
     """
     if not path.exists():
@@ -247,7 +247,7 @@ def load_local_pairs(path: Path) -> tuple[list[PreferencePair], list[PreferenceP
     test_files = _split_files(path, "test")
     if not train_files and not test_files:
         raise DataError(
-            f"dataset.path={str(path)!r} holds no train.* or test.* files with a suffix in "
+            f"dataset.path={str(path)!r} contains no train.* or test.* files with a suffix in "
             f"{', '.join(FILE_SUFFIXES)}"
         )
 
@@ -350,7 +350,7 @@ def build_synthetic_pairs(num_pairs: int, seed: int) -> list[PreferencePair]:
 
     Each prompt asks for examples of one topic, sometimes after a greeting
     turn. Each response is an opener followed by two to five items, each from
-    the asked topic or another one, scored by `synthetic_reward`. Of two
+    the requested topic or another one, scored by `synthetic_reward`. Of two
     responses with different rewards, the higher-scored one is chosen. The
     same (num_pairs, seed) always gives the same pairs.
     """

@@ -9,7 +9,7 @@ Write the log-ratio difference
 The KL-regularised optimum pi* ~ ref * exp(r / beta) has exactly
 h* = (r(x, y_w) - r(x, y_l)) / beta. Each loss pulls h toward a target for h*:
 REBEL uses the reward difference itself, and DPO, hinge and IPO substitute what
-a binary preference says about it.
+a binary preference implies about it.
 
 All tensors are float with shape (batch,). Each function returns the
 per-example losses and the implicit rewards beta * (log pi - log ref) of the

@@ -103,7 +103,7 @@ def load_causal_lm(name_or_path: str, dtype: str, trust_remote_code: bool):
 
 
 def is_checkpoint_dir(path: Path) -> bool:
-    """Tell whether `path` holds a complete Hugging Face model checkpoint."""
+    """Return whether `path` contains a complete Hugging Face model checkpoint."""
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     return (path / "config.json").is_file() and has_weights
 

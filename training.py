@@ -3,7 +3,7 @@
 Optimiser and learning-rate schedule, the step loop with gradient
 accumulation and a non-finite-loss guard, metric logging to `metrics.jsonl`
 and Weights & Biases, and checkpoints that are renamed into place only once
-complete. Nothing here knows which objective is being trained: each script
+complete. The loop is independent of the objective: each script
 passes a function that turns a batch into a loss and per-example statistics.
 """
 

@@ -138,7 +138,7 @@ def test_same_seed_repeats_run(hh_sft_run, hh_file, tmp_path):
     assert first == second
 
 
-def test_dpo_without_sft_run_says_to_run_sft(tmp_path):
+def test_dpo_without_sft_run_fails(tmp_path):
     config = compose_config("dpo", ["wandb.enabled=false", f"outputs_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match=r"Run `python sft.py` first"):
         dpo.train_dpo(config, tmp_path)

@@ -179,7 +179,7 @@ def test_hinge_loss_has_no_gradient_past_margin():
 # ---------------------------------------------------------------------------
 
 
-def test_registry_holds_the_four_losses():
+def test_registry_contains_four_losses():
     assert set(losses.LOSSES) == {"sigmoid", "hinge", "ipo", "rebel"}
     assert losses.LOSSES["ipo"].average_logps
     assert losses.LOSSES["rebel"].uses_rewards
