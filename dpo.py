@@ -8,7 +8,8 @@ Policy and reference both start from the SFT checkpoint (`model.name`, or the
 newest SFT run under `outputs_dir`). The run evaluates before the first
 update, every `training.eval_every` steps and at the end, writes each eval's
 per-example implicit margins to `eval_margins.jsonl`, and saves the final
-policy to `<run dir>/model`.
+policy to `<run dir>/model` (a LoRA policy: its adapter to `<run dir>/adapter`).
+docs/scaling.md covers multi-GPU launches, LoRA and resuming.
 """
 
 import functools
@@ -81,7 +82,7 @@ def load_policy_and_reference(checkpoint: str, config: DictConfig):
     """Load two copies of the checkpoint: a trainable policy and a frozen reference.
 
     With LoRA (`model.lora.enabled`) only the policy is loaded and the
-    reference is None: the policy with its adapters disabled stands in for it.
+    reference is None, because the policy with its adapters disabled serves as the reference.
     """
     model_config = config.model
     tokenizer = models.load_tokenizer(model_config.tokenizer or checkpoint,

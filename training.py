@@ -1,10 +1,10 @@
 """Loop machinery shared by sft.py and dpo.py.
 
-Optimiser and learning-rate schedule, the data order of each optimiser step
-across processes, the step loop with gradient accumulation and a
-non-finite-loss guard, metric logging to `metrics.jsonl` and Weights & Biases,
-and checkpoints that are renamed into place only once complete and can be
-resumed exactly. Nothing here knows which objective is being trained: each
+Optimiser and learning-rate schedule, and the data order of each optimiser
+step across processes. The step loop with gradient accumulation and a
+non-finite-loss guard. Metric logging to `metrics.jsonl` and Weights & Biases.
+Checkpoints that are renamed into place only once complete and that a later
+run resumes exactly. Nothing here knows which objective is being trained: each
 script passes a function that turns a batch into a loss and per-example
 statistics.
 
@@ -325,7 +325,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self.batch_size // (self.num_processes * self.accumulation_steps)
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """The shuffled dataset indices of `epoch`, drawn from seed + epoch."""
+        """Return the shuffled dataset indices of `epoch`, drawn from seed + epoch."""
         if self._order_epoch != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
@@ -333,7 +333,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self._order
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
-        """This process's micro-batches of optimiser step `step` (counted from 0)."""
+        """Return this process's micro-batches of optimiser step `step` (counted from 0)."""
         epoch, position = divmod(step, self.steps_per_epoch)
         global_batch = self.epoch_order(epoch)[position * self.batch_size:
                                                (position + 1) * self.batch_size]
@@ -351,7 +351,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 def build_train_loader(dataset, collate_fn, training: DictConfig,
                        accelerator: Accelerator) -> DataLoader:
-    """A loader of this process's micro-batches in the order of GlobalBatchSampler.
+    """Build a loader of this process's micro-batches in the order of GlobalBatchSampler.
 
     The loader is not passed to `accelerator.prepare`, because accelerate
     would shard it again; the loop moves each batch to the device itself.
@@ -377,7 +377,7 @@ def prepare_reference(accelerator: Accelerator, reference: torch.nn.Module) -> t
 
     Under FSDP the reference is sharded like the policy, and under DeepSpeed
     ZeRO-3 it is partitioned by an inference-only engine. Otherwise each
-    process holds a replica on its device, run under the same autocast as the
+    process keeps a replica on its device, run under the same autocast as the
     policy. Call this after `accelerator.prepare` of the policy, which fills
     DeepSpeed's "auto" settings.
     """
@@ -511,7 +511,7 @@ def save_step_checkpoint(accelerator: Accelerator, model, tokenizer, checkpoints
                          trainer_state: dict, extra_files: dict[str, str], keep: int) -> Path:
     """Save a resumable checkpoint `step-NNNNNN` atomically and keep the newest `keep`.
 
-    The directory holds an HF checkpoint (or LoRA adapter) that loads with
+    The directory contains an HF checkpoint (or LoRA adapter) that loads with
     `from_pretrained`, and under `state/` accelerate's `save_state` output
     (model, optimiser, scheduler, gradient scaler and every process's RNG
     states) with `trainer_state.json` (step, pairs seen and the data-order
