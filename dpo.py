@@ -8,12 +8,14 @@ Policy and reference both start from the SFT checkpoint (`model.name`, or the
 newest SFT run under `outputs_dir`). The run evaluates before the first
 update, every `training.eval_every` steps and at the end, writes each eval's
 per-example implicit margins to `eval_margins.jsonl`, and saves the final
-policy to `<run dir>/model`.
+policy to `<run dir>/model` (a LoRA policy: its adapter to `<run dir>/adapter`).
+docs/scaling.md covers multi-GPU launches, LoRA and resuming.
 """
 
 import functools
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -77,14 +79,22 @@ def require_rewards(spec: losses.LossSpec, config: DictConfig,
 
 
 def load_policy_and_reference(checkpoint: str, config: DictConfig):
-    """Load two copies of the checkpoint: a trainable policy and a frozen reference."""
+    """Load two copies of the checkpoint: a trainable policy and a frozen reference.
+
+    With LoRA (`model.lora.enabled`) only the policy is loaded and the
+    reference is None, because the policy with its adapters disabled serves as the reference.
+    """
     model_config = config.model
     tokenizer = models.load_tokenizer(model_config.tokenizer or checkpoint,
                                       model_config.trust_remote_code)
     policy = models.load_causal_lm(checkpoint, model_config.dtype, model_config.trust_remote_code)
+    models.disable_dropout(policy)
+    policy = models.configure_training(policy, model_config.lora,
+                                       config.training.gradient_checkpointing)
+    if model_config.lora.enabled:
+        return tokenizer, policy, None
     reference = models.load_causal_lm(checkpoint, model_config.dtype,
                                       model_config.trust_remote_code)
-    models.disable_dropout(policy)
     models.disable_dropout(reference)
     reference.requires_grad_(False)
     reference.eval()
@@ -187,7 +197,10 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = validate_dpo_config(config)
-    accumulation_steps = training.validate_training_config(config.training)
+    training.validate_training_config(config.training)
+    models.validate_lora_config(config.model.lora)
+    resume_from = training.find_resume_checkpoint(config.training.resume,
+                                                  Path(config.outputs_dir), "dpo")
     checkpoint = resolve_checkpoint(config)
 
     splits = data.load_preference_data(config.dataset, config.training.seed)
@@ -201,20 +214,20 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
 
     collator = data.PreferenceCollator(tokenizer.pad_token_id)
-    micro_batch_size = config.training.batch_size // accumulation_steps
-    generator = torch.Generator().manual_seed(config.training.seed)
-    train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True,
-                              drop_last=True, collate_fn=collator, generator=generator)
+    train_loader = training.build_train_loader(train_set, collator, config.training, accelerator)
     eval_loader = DataLoader(eval_set, batch_size=config.training.eval_batch_size,
                              collate_fn=collator)
 
     total_steps = training.count_steps(len(train_set), config.training)
     optimizer = training.build_optimizer(policy, config.training)
     scheduler = training.build_scheduler(optimizer, config.training, total_steps)
-    policy, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        policy, optimizer, train_loader, eval_loader, scheduler
+    policy, optimizer, eval_loader, scheduler = accelerator.prepare(
+        policy, optimizer, eval_loader, scheduler
     )
-    reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if reference is None:
+        reference = models.AdapterDisabledReference(policy, accelerator.unwrap_model(policy))
+    else:
+        reference = training.prepare_reference(accelerator, reference)
 
     loss_options = {name: config.dpo[name] for name in spec.options}
     loss_function = functools.partial(spec.function, beta=config.dpo.beta, **loss_options)
@@ -240,12 +253,12 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
 
     resolved_config = OmegaConf.to_yaml(config, resolve=True)
 
-    def save_step_checkpoint(step: int) -> None:
-        checkpoints = run_dir / "checkpoints"
-        training.save_checkpoint(accelerator, policy, tokenizer, checkpoints / f"step-{step:06d}",
-                                 {"dpo_config.yaml": resolved_config})
-        if accelerator.is_main_process:
-            training.prune_checkpoints(checkpoints, config.training.keep_checkpoints)
+    def save_step_checkpoint(trainer_state: dict) -> Path:
+        return training.save_step_checkpoint(
+            accelerator, policy, tokenizer, run_dir / "checkpoints",
+            {"stage": "dpo", **trainer_state}, {"dpo_config.yaml": resolved_config},
+            config.training.keep_checkpoints,
+        )
 
     log.info("Training %s (beta %g) for %d steps of %d pairs", config.dpo.loss_type,
              config.dpo.beta, total_steps, config.training.batch_size)
@@ -262,12 +275,12 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics=metrics,
             training=config.training,
             total_steps=total_steps,
-            accumulation_steps=accumulation_steps,
             save_step_checkpoint=save_step_checkpoint,
             evaluate_first=True,
+            resume_from=resume_from,
         )
-        training.save_checkpoint(accelerator, policy, tokenizer, run_dir / "model",
-                                 {"dpo_config.yaml": resolved_config})
+        training.save_final_model(accelerator, policy, tokenizer, run_dir,
+                                  {"dpo_config.yaml": resolved_config}, config.model.lora)
     finally:
         metrics.close()
 
@@ -282,7 +295,11 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
 
 @hydra.main(config_path="configs", config_name="dpo", version_base="1.3")
 def main(config: DictConfig) -> None:
-    train_dpo(config, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        train_dpo(config, Path(HydraConfig.get().runtime.output_dir))
+    except training.TrainingInterrupted as interrupted:
+        log.warning("%s", interrupted)
+        sys.exit(interrupted.exit_code)
 
 
 if __name__ == "__main__":

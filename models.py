@@ -8,6 +8,9 @@ Two kinds of model config exist under `configs/model/`:
   like any other checkpoint.
 - hub models (`pythia-*`): `model.name` and `model.tokenizer` are hub ids or
   local paths, loaded with `from_pretrained`.
+
+Either can be trained whole or through LoRA adapters (`model.lora`), with
+gradient checkpointing as an option.
 """
 
 import logging
@@ -149,3 +152,85 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     label_logits = torch.gather(logits, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     token_logps = (label_logits - torch.logsumexp(logits, dim=-1)) * mask
     return token_logps.sum(-1), mask.sum(-1)
+
+
+# ---------------------------------------------------------------------------
+# LoRA and gradient checkpointing
+# ---------------------------------------------------------------------------
+
+
+def validate_lora_config(lora) -> None:
+    """Check `model.lora` before any model loads."""
+    if not lora.enabled:
+        return
+    if lora.rank < 1:
+        raise ValueError(f"model.lora.rank={lora.rank} must be a positive integer, e.g. 16")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        raise ValueError(
+            "model.lora.target_modules is empty; list the module names to adapt, e.g. "
+            "[query_key_value,dense,dense_h_to_4h,dense_4h_to_h] for Pythia"
+        )
+
+
+def add_lora_adapters(model, lora):
+    """Wrap `model` in a peft model whose only trainable weights are LoRA adapters.
+
+    Each adapted linear layer W gains a low-rank update (alpha / rank) * B A,
+    with B initialised to zero, so the wrapped model starts out computing
+    exactly what `model` computes.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    trainable = sum(parameter.numel() for parameter in model.parameters()
+                    if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+    log.info("LoRA rank %d on %s: %.2fM of %.2fM parameters trainable", lora.rank,
+             ", ".join(lora.target_modules), trainable / 1e6, total / 1e6)
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Uses the non-reentrant torch implementation, which also works when only
+    LoRA adapters need gradients, and turns off the KV cache it cannot use.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def configure_training(model, lora, gradient_checkpointing: bool):
+    """Apply gradient checkpointing and LoRA adapters as configured; return the model to train."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if lora.enabled:
+        model = add_lora_adapters(model, lora)
+    return model
+
+
+class AdapterDisabledReference:
+    """The frozen reference of a LoRA policy: the same network with its adapters off.
+
+    Calling it runs `policy` (as prepared by accelerate) without gradients
+    inside peft's `disable_adapter()` on `peft_model`, the unwrapped policy, so
+    it scores with the base weights that policy and reference share, and no
+    second copy of them is held.
+    """
+
+    def __init__(self, policy, peft_model):
+        self.policy = policy
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs):
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.policy(**inputs)

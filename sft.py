@@ -10,6 +10,7 @@ dpo.py finds it.
 """
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def load_tokenizer_and_model(config: DictConfig, splits: data.PreferenceSplits):
         model.to(models.torch_dtype(model_config.dtype))
     log.info("Model: %s, %.2fM parameters", type(model).__name__,
              sum(parameter.numel() for parameter in model.parameters()) / 1e6)
+    model = models.configure_training(model, model_config.lora,
+                                      config.training.gradient_checkpointing)
     return tokenizer, model
 
 
@@ -74,7 +77,10 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run supervised fine-tuning and return the final eval metrics."""
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    accumulation_steps = training.validate_training_config(config.training)
+    training.validate_training_config(config.training)
+    models.validate_lora_config(config.model.lora)
+    resume_from = training.find_resume_checkpoint(config.training.resume,
+                                                  Path(config.outputs_dir), "sft")
     accelerator = training.make_accelerator(config.training)
 
     splits = data.load_preference_data(config.dataset, config.training.seed)
@@ -84,18 +90,15 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
     eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
 
     collator = data.SFTCollator(tokenizer.pad_token_id)
-    micro_batch_size = config.training.batch_size // accumulation_steps
-    generator = torch.Generator().manual_seed(config.training.seed)
-    train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True,
-                              drop_last=True, collate_fn=collator, generator=generator)
+    train_loader = training.build_train_loader(train_set, collator, config.training, accelerator)
     eval_loader = DataLoader(eval_set, batch_size=config.training.eval_batch_size,
                              collate_fn=collator)
 
     total_steps = training.count_steps(len(train_set), config.training)
     optimizer = training.build_optimizer(model, config.training)
     scheduler = training.build_scheduler(optimizer, config.training, total_steps)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
+    model, optimizer, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, eval_loader, scheduler
     )
 
     metrics = training.MetricsLogger(
@@ -109,12 +112,12 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
         log.info("eval step %d: %s", step, training.format_metrics(eval_metrics))
         return eval_metrics
 
-    def save_step_checkpoint(step: int) -> None:
-        checkpoints = run_dir / "checkpoints"
-        training.save_checkpoint(accelerator, model, tokenizer, checkpoints / f"step-{step:06d}",
-                                 {"sft_step_config.yaml": resolved_config})
-        if accelerator.is_main_process:
-            training.prune_checkpoints(checkpoints, config.training.keep_checkpoints)
+    def save_step_checkpoint(trainer_state: dict) -> Path:
+        return training.save_step_checkpoint(
+            accelerator, model, tokenizer, run_dir / "checkpoints",
+            {"stage": "sft", **trainer_state}, {"sft_step_config.yaml": resolved_config},
+            config.training.keep_checkpoints,
+        )
 
     log.info("Training for %d steps of %d sequences", total_steps, config.training.batch_size)
     try:
@@ -130,23 +133,28 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
             metrics=metrics,
             training=config.training,
             total_steps=total_steps,
-            accumulation_steps=accumulation_steps,
             save_step_checkpoint=save_step_checkpoint,
+            resume_from=resume_from,
         )
-        training.save_checkpoint(accelerator, model, tokenizer, run_dir / "model",
-                                 {"sft_config.yaml": resolved_config})
+        training.save_final_model(accelerator, model, tokenizer, run_dir,
+                                  {"sft_config.yaml": resolved_config}, config.model.lora)
     finally:
         metrics.close()
 
     wall_time = time.perf_counter() - started
     log.info("Final eval: %s (%.0f s)", training.format_metrics(final_metrics), wall_time)
-    log.info("SFT checkpoint: %s", run_dir / "model")
+    log.info("SFT checkpoint: %s", run_dir / ("adapter" if config.model.lora.enabled
+                                              and not config.model.lora.save_merged else "model"))
     return final_metrics
 
 
 @hydra.main(config_path="configs", config_name="sft", version_base="1.3")
 def main(config: DictConfig) -> None:
-    train_sft(config, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        train_sft(config, Path(HydraConfig.get().runtime.output_dir))
+    except training.TrainingInterrupted as interrupted:
+        log.warning("%s", interrupted)
+        sys.exit(interrupted.exit_code)
 
 
 if __name__ == "__main__":

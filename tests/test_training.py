@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 import data
 import models
@@ -82,8 +81,8 @@ def test_non_finite_loss_stops_before_update(tmp_path, tiny_parts):
     tokenizer, model, tokenized = tiny_parts
     config = training_config(batch_size=8, eval_every=None, save_every=1, warmup_steps=0)
     accelerator = training.make_accelerator(config)
-    loader = DataLoader(tokenized, batch_size=8, collate_fn=data.SFTCollator(
-        tokenizer.pad_token_id))
+    loader = training.build_train_loader(tokenized, data.SFTCollator(tokenizer.pad_token_id),
+                                         config, accelerator)
     optimizer = training.build_optimizer(model, config)
     scheduler = training.build_scheduler(optimizer, config, total_steps=5)
     saved_steps = []
@@ -95,9 +94,10 @@ def test_non_finite_loss_stops_before_update(tmp_path, tiny_parts):
             loss = loss * float("nan")
         return loss, {"loss": loss.detach().expand(len(logps))}
 
-    def save_step_checkpoint(step):
+    def save_step_checkpoint(trainer_state):
         training.save_checkpoint(accelerator, model, tokenizer, tmp_path / "last", {})
-        saved_steps.append(step)
+        saved_steps.append(trainer_state["step"])
+        return tmp_path / "last"
 
     with pytest.raises(training.NonFiniteLossError, match="nan at step 3"):
         training.run_training(
@@ -105,7 +105,7 @@ def test_non_finite_loss_stops_before_update(tmp_path, tiny_parts):
             train_loader=loader, step_function=step_function,
             summarise=lambda statistics: {"loss": float(statistics["loss"].mean())},
             evaluate=lambda step: {}, metrics=training.MetricsLogger(tmp_path, enabled=False),
-            training=config, total_steps=5, accumulation_steps=1,
+            training=config, total_steps=5,
             save_step_checkpoint=save_step_checkpoint,
         )
     saved = models.load_causal_lm(str(tmp_path / "last"), "float32", False)
