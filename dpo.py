@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 import data
 import losses
 import models
+import reference_cache
 import training
 
 log = logging.getLogger("dpo")
@@ -76,30 +77,60 @@ def require_rewards(spec: losses.LossSpec, config: DictConfig,
         )
 
 
-def load_policy_and_reference(checkpoint: str, config: DictConfig):
-    """Load two copies of the checkpoint: a trainable policy and a frozen reference."""
+def load_policy(checkpoint: str, config: DictConfig):
+    """Load the tokenizer and the trainable policy from the checkpoint."""
     model_config = config.model
     tokenizer = models.load_tokenizer(model_config.tokenizer or checkpoint,
                                       model_config.trust_remote_code)
     policy = models.load_causal_lm(checkpoint, model_config.dtype, model_config.trust_remote_code)
+    models.disable_dropout(policy)
+    return tokenizer, policy
+
+
+def load_reference(checkpoint: str, config: DictConfig):
+    """Load the checkpoint again as the frozen reference."""
+    model_config = config.model
     reference = models.load_causal_lm(checkpoint, model_config.dtype,
                                       model_config.trust_remote_code)
-    models.disable_dropout(policy)
     models.disable_dropout(reference)
     reference.requires_grad_(False)
     reference.eval()
-    return tokenizer, policy, reference
+    return reference
+
+
+def attach_cached_reference_logps(checkpoint: str, config: DictConfig, accelerator, tokenizer,
+                                  train_set, eval_set):
+    """Load or compute the reference log-probs of every pair and attach them to the pairs."""
+    pairs = {"train": train_set, "eval": eval_set}
+    key = reference_cache.cache_key(checkpoint, train_set, eval_set, config.model.dtype,
+                                    config.training.mixed_precision)
+    logps = reference_cache.cached_reference_logps(
+        cache_dir=Path(config.dpo.reference_cache_dir),
+        key=key,
+        pairs=pairs,
+        load_reference=functools.partial(load_reference, checkpoint, config),
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=config.training.eval_batch_size,
+        accelerator=accelerator,
+    )
+    return (reference_cache.attach_reference_logps(train_set, logps["train"]),
+            reference_cache.attach_reference_logps(eval_set, logps["eval"]))
 
 
 def preference_step(policy, reference, loss_function, spec: losses.LossSpec, batch):
     """Score chosen and rejected in one policy forward pass and compute the loss.
 
+    The reference log-probs come from `batch["reference_logps"]` when the batch
+    carries them (precomputed), otherwise from a no-grad pass of `reference`.
     Returns the mean loss and per-pair statistics: the loss, implicit rewards,
     summed log-probs, and reward differences when the batch has them.
     """
     policy_logps, token_counts = models.sequence_logps(policy, batch)
-    with torch.no_grad():
-        reference_logps, _ = models.sequence_logps(reference, batch)
+    if "reference_logps" in batch:
+        reference_logps = batch["reference_logps"]
+    else:
+        with torch.no_grad():
+            reference_logps, _ = models.sequence_logps(reference, batch)
 
     summed_policy_logps = policy_logps
     if spec.average_logps:
@@ -194,12 +225,19 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     log_reward_statistics(splits)
 
     accelerator = training.make_accelerator(config.training)
-    tokenizer, policy, reference = load_policy_and_reference(checkpoint, config)
+    tokenizer, policy = load_policy(checkpoint, config)
     max_length, max_prompt_length = config.dataset.max_length, config.dataset.max_prompt_length
     train_set = data.tokenize_pairs(splits.train, tokenizer, max_length, max_prompt_length)
     eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
 
     collator = data.PreferenceCollator(tokenizer.pad_token_id)
+    reference = None
+    if config.dpo.precompute_ref_logps:
+        train_set, eval_set = attach_cached_reference_logps(checkpoint, config, accelerator,
+                                                            tokenizer, train_set, eval_set)
+        collator = reference_cache.ReferenceLogpsCollator(collator)
+    else:
+        reference = load_reference(checkpoint, config)
     micro_batch_size = config.training.batch_size // accumulation_steps
     generator = torch.Generator().manual_seed(config.training.seed)
     train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True,
@@ -213,7 +251,8 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         policy, optimizer, train_loader, eval_loader, scheduler
     )
-    reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
 
     loss_options = {name: config.dpo[name] for name in spec.options}
     loss_function = functools.partial(spec.function, beta=config.dpo.beta, **loss_options)
