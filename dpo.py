@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -311,16 +312,32 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
 
     wall_time = time.perf_counter() - started
     if accelerator.is_main_process:
-        summary = {"loss_type": config.dpo.loss_type, "beta": config.dpo.beta,
-                   "wall_time_seconds": wall_time, **final_metrics}
+        summary = {"status": "completed", "loss_type": config.dpo.loss_type,
+                   "beta": config.dpo.beta, "wall_time_seconds": wall_time, **final_metrics}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("Final eval: %s (%.0f s)", training.format_metrics(final_metrics), wall_time)
     return final_metrics
 
 
+def write_failure_summary(run_dir: Path, config: DictConfig, error: Exception,
+                          wall_time: float) -> None:
+    """Write `summary.json` with status "failed" and the error, so sweep reports list the run."""
+    summary = {"status": "failed", "loss_type": config.dpo.get("loss_type"),
+               "beta": config.dpo.get("beta"), "wall_time_seconds": wall_time,
+               "error": f"{type(error).__name__}: {error}"}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 @hydra.main(config_path="configs", config_name="dpo", version_base="1.3")
 def main(config: DictConfig) -> None:
-    train_dpo(config, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    started = time.perf_counter()
+    try:
+        train_dpo(config, run_dir)
+    except Exception as error:
+        if PartialState().is_main_process:
+            write_failure_summary(run_dir, config, error, time.perf_counter() - started)
+        raise
 
 
 if __name__ == "__main__":
