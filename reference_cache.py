@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import Accelerator
+from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -336,15 +337,21 @@ def cached_reference_logps(
     On a hit the reference model is never loaded. On a miss, or when the file
     is corrupt, the main process loads the reference with `load_reference`,
     scores every pair, writes the file and frees the model. The other
-    processes wait for it and then read the file.
+    processes wait for it and then read the file. A lock file beside the cache
+    file makes concurrent runs with the same key, such as the jobs of a SLURM
+    sweep, wait for the first one's pass instead of repeating it.
     """
     path = cache_dir / f"{key}.safetensors"
     logps = None
     if accelerator.is_main_process:
-        logps = _load_or_report(path, key, pairs)
-        if logps is None:
-            logps = _compute_and_save(path, key, pairs, load_reference, pad_token_id,
-                                      batch_size, accelerator)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # NOTE: filelock takes an flock(2) lock, which some network file systems do not honour.
+        # Concurrent runs then compute the same file, which stays correct but costs time.
+        with FileLock(path.with_name(f"{path.name}.lock")):
+            logps = _load_or_report(path, key, pairs)
+            if logps is None:
+                logps = _compute_and_save(path, key, pairs, load_reference, pad_token_id,
+                                          batch_size, accelerator)
     # NOTE: on a miss only the main process scores the pairs while the others wait here.
     # A reference pass longer than the process group's timeout (30 min by default) fails.
     accelerator.wait_for_everyone()

@@ -253,7 +253,8 @@ def test_token_count_mismatch_rejected(tmp_path, tokenized, stored_cache):
 
 
 def test_save_leaves_no_partial_files(stored_cache):
-    assert [path.name for path in stored_cache[0].parent.iterdir()] == [f"{KEY}.safetensors"]
+    names = sorted(path.name for path in stored_cache[0].parent.iterdir())
+    assert names == [f"{KEY}.safetensors", f"{KEY}.safetensors.lock"]
 
 
 # ---------------------------------------------------------------------------
