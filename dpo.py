@@ -239,6 +239,7 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
         collator = reference_cache.ReferenceLogpsCollator(collator)
     else:
         reference = load_reference(checkpoint, config)
+
     micro_batch_size = config.training.batch_size // accumulation_steps
     generator = torch.Generator().manual_seed(config.training.seed)
     train_loader = DataLoader(train_set, batch_size=micro_batch_size, shuffle=True,
