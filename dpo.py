@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 import data
 import losses
 import models
+import reference_cache
 import training
 
 log = logging.getLogger("dpo")
@@ -78,11 +80,11 @@ def require_rewards(spec: losses.LossSpec, config: DictConfig,
         )
 
 
-def load_policy_and_reference(checkpoint: str, config: DictConfig):
-    """Load two copies of the checkpoint: a trainable policy and a frozen reference.
+def load_policy(checkpoint: str, config: DictConfig):
+    """Load the tokenizer and the trainable policy from the checkpoint.
 
-    With LoRA (`model.lora.enabled`) only the policy is loaded and the
-    reference is None, because the policy with its adapters disabled serves as the reference.
+    With LoRA (`model.lora.enabled`) the policy carries adapters, and the
+    reference is the same network with its adapters disabled.
     """
     model_config = config.model
     tokenizer = models.load_tokenizer(model_config.tokenizer or checkpoint,
@@ -91,25 +93,61 @@ def load_policy_and_reference(checkpoint: str, config: DictConfig):
     models.disable_dropout(policy)
     policy = models.configure_training(policy, model_config.lora,
                                        config.training.gradient_checkpointing)
-    if model_config.lora.enabled:
-        return tokenizer, policy, None
+    return tokenizer, policy
+
+
+def load_reference(checkpoint: str, config: DictConfig):
+    """Load the checkpoint again as the frozen reference."""
+    model_config = config.model
     reference = models.load_causal_lm(checkpoint, model_config.dtype,
                                       model_config.trust_remote_code)
     models.disable_dropout(reference)
     reference.requires_grad_(False)
     reference.eval()
-    return tokenizer, policy, reference
+    return reference
+
+
+def attach_cached_reference_logps(checkpoint: str, config: DictConfig, accelerator, tokenizer,
+                                  policy, train_set, eval_set):
+    """Load or compute the reference log-probs of every pair and attach them to the pairs.
+
+    With LoRA the reference pass runs the policy with its adapters disabled,
+    so no second copy of the base weights is loaded even for that pass.
+    """
+    pairs = {"train": train_set, "eval": eval_set}
+    key = reference_cache.cache_key(checkpoint, train_set, eval_set, config.model.dtype,
+                                    config.training.mixed_precision)
+    logps = reference_cache.cached_reference_logps(
+        cache_dir=Path(config.dpo.reference_cache_dir),
+        key=key,
+        pairs=pairs,
+        load_reference=(
+            functools.partial(models.AdapterDisabledReference, policy, policy)
+            if config.model.lora.enabled
+            else functools.partial(load_reference, checkpoint, config)
+        ),
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=config.training.eval_batch_size,
+        accelerator=accelerator,
+    )
+    return (reference_cache.attach_reference_logps(train_set, logps["train"]),
+            reference_cache.attach_reference_logps(eval_set, logps["eval"]))
 
 
 def preference_step(policy, reference, loss_function, spec: losses.LossSpec, batch):
     """Score chosen and rejected in one policy forward pass and compute the loss.
 
+    The reference log-probs come from `batch["reference_logps"]` when the batch
+    carries them (precomputed), otherwise from a no-grad pass of `reference`.
     Returns the mean loss and per-pair statistics: the loss, implicit rewards,
     summed log-probs, and reward differences when the batch has them.
     """
     policy_logps, token_counts = models.sequence_logps(policy, batch)
-    with torch.no_grad():
-        reference_logps, _ = models.sequence_logps(reference, batch)
+    if "reference_logps" in batch:
+        reference_logps = batch["reference_logps"]
+    else:
+        with torch.no_grad():
+            reference_logps, _ = models.sequence_logps(reference, batch)
 
     summed_policy_logps = policy_logps
     if spec.average_logps:
@@ -208,12 +246,20 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     log_reward_statistics(splits)
 
     accelerator = training.make_accelerator(config.training)
-    tokenizer, policy, reference = load_policy_and_reference(checkpoint, config)
+    tokenizer, policy = load_policy(checkpoint, config)
     max_length, max_prompt_length = config.dataset.max_length, config.dataset.max_prompt_length
     train_set = data.tokenize_pairs(splits.train, tokenizer, max_length, max_prompt_length)
     eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
 
     collator = data.PreferenceCollator(tokenizer.pad_token_id)
+    reference = None
+    if config.dpo.precompute_ref_logps:
+        train_set, eval_set = attach_cached_reference_logps(checkpoint, config, accelerator,
+                                                            tokenizer, policy, train_set, eval_set)
+        collator = reference_cache.ReferenceLogpsCollator(collator)
+    elif not config.model.lora.enabled:
+        reference = load_reference(checkpoint, config)
+
     train_loader = training.build_train_loader(train_set, collator, config.training, accelerator)
     eval_loader = DataLoader(eval_set, batch_size=config.training.eval_batch_size,
                              collate_fn=collator)
@@ -224,10 +270,10 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     policy, optimizer, eval_loader, scheduler = accelerator.prepare(
         policy, optimizer, eval_loader, scheduler
     )
-    if reference is None:
-        reference = models.AdapterDisabledReference(policy, accelerator.unwrap_model(policy))
-    else:
+    if reference is not None:
         reference = training.prepare_reference(accelerator, reference)
+    elif config.model.lora.enabled and not config.dpo.precompute_ref_logps:
+        reference = models.AdapterDisabledReference(policy, accelerator.unwrap_model(policy))
 
     loss_options = {name: config.dpo[name] for name in spec.options}
     loss_function = functools.partial(spec.function, beta=config.dpo.beta, **loss_options)
@@ -286,20 +332,35 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
 
     wall_time = time.perf_counter() - started
     if accelerator.is_main_process:
-        summary = {"loss_type": config.dpo.loss_type, "beta": config.dpo.beta,
-                   "wall_time_seconds": wall_time, **final_metrics}
+        summary = {"status": "completed", "loss_type": config.dpo.loss_type,
+                   "beta": config.dpo.beta, "wall_time_seconds": wall_time, **final_metrics}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("Final eval: %s (%.0f s)", training.format_metrics(final_metrics), wall_time)
     return final_metrics
 
 
+def write_failure_summary(run_dir: Path, config: DictConfig, error: Exception,
+                          wall_time: float) -> None:
+    """Write `summary.json` with status "failed" and the error, so sweep reports list the run."""
+    summary = {"status": "failed", "loss_type": config.dpo.get("loss_type"),
+               "beta": config.dpo.get("beta"), "wall_time_seconds": wall_time,
+               "error": f"{type(error).__name__}: {error}"}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 @hydra.main(config_path="configs", config_name="dpo", version_base="1.3")
 def main(config: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    started = time.perf_counter()
     try:
-        train_dpo(config, Path(HydraConfig.get().runtime.output_dir))
+        train_dpo(config, run_dir)
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)
+    except Exception as error:
+        if PartialState().is_main_process:
+            write_failure_summary(run_dir, config, error, time.perf_counter() - started)
+        raise
 
 
 if __name__ == "__main__":

@@ -234,3 +234,8 @@ class AdapterDisabledReference:
     def __call__(self, **inputs):
         with torch.no_grad(), self.peft_model.disable_adapter():
             return self.policy(**inputs)
+
+    def to(self, device):
+        """Move the shared network to `device` and return this reference."""
+        self.policy.to(device)
+        return self

@@ -22,7 +22,11 @@ import models
 import training
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-TOLERANCE = 1e-5  # float32 sums taken in a different order across processes
+# Relative tolerance between one and two processes. Policy log-probs of the
+# same pairs padded to different batch widths differ in float32 rounding
+# (about 3e-6 at step 1), and Adam's normalised updates amplify that to about
+# 3e-5 by step 3, because the cached reference log-probs do not share it.
+TOLERANCE = 2e-4
 
 
 def compose_dpo(*overrides: str):
