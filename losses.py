@@ -15,6 +15,9 @@ All tensors are float with shape (batch,). Each function returns the
 per-example losses and the implicit rewards beta * (log pi - log ref) of the
 chosen and rejected responses, detached, so callers can log margins and
 accuracies without a second pass.
+
+`bradley_terry_loss` at the end trains the reward model that supplies r for
+REBEL; it is a function of rewards, not of log-probabilities.
 """
 
 from collections.abc import Callable
@@ -255,3 +258,27 @@ def get_loss(loss_type: str) -> LossSpec:
             f"Example: python dpo.py dpo.loss_type=sigmoid"
         )
     return LOSSES[loss_type]
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> torch.Tensor:
+    """Reward-model loss: -log sigmoid(r(x, y_w) - r(x, y_l)), per pair.
+
+    The negative log-likelihood of the preference label under the
+    Bradley-Terry model P(y_w beats y_l) = sigmoid(r_w - r_l). It is computed
+    as softplus(r_l - r_w), which stays finite for any margin. Only reward
+    differences are identified, so a trained model's rewards carry an
+    arbitrary per-prompt offset that REBEL's r_w - r_l cancels.
+
+    Source: Ouyang et al. 2022, "Training language models to follow
+    instructions with human feedback" (arXiv:2203.02155), eq. 1 with K = 2.
+
+    Args:
+        chosen_rewards: scalar reward of each chosen response, (batch,).
+        rejected_rewards: scalar reward of each rejected response, (batch,).
+
+    Returns:
+        Per-pair losses, (batch,).
+    """
+    return F.softplus(rejected_rewards - chosen_rewards)
