@@ -14,10 +14,11 @@ Three sources are supported, selected by the `dataset` config group:
 import gzip
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -408,6 +409,7 @@ def load_preference_data(config, seed: int) -> PreferenceSplits:
         raise DataError(
             f"dataset.eval_fraction={config.eval_fraction} must be in (0, 1), e.g. 0.05"
         )
+    reward_scale = validate_reward_scale(config.get("reward_scale", 1.0))
 
     if config.get("synthetic"):
         train, held_out = build_synthetic_pairs(config.num_pairs, config.seed), None
@@ -438,7 +440,43 @@ def load_preference_data(config, seed: int) -> PreferenceSplits:
     if not held_out:
         raise DataError(f"{source}: no usable evaluation pairs are left after filtering")
     log.info("Using %d train and %d eval pairs from %s", len(train), len(held_out), source)
-    return PreferenceSplits(train, held_out)
+    splits = PreferenceSplits(train, held_out)
+    return scale_rewards(splits, reward_scale) if reward_scale != 1.0 else splits
+
+
+def validate_reward_scale(reward_scale) -> float:
+    """Return `dataset.reward_scale` as a float, raising DataError unless it is finite and > 0.
+
+    A negative scale would reverse every preference, and zero would erase them.
+    """
+    try:
+        scale = float(reward_scale)
+    except (TypeError, ValueError):
+        raise DataError(f"dataset.reward_scale={reward_scale!r} is not a number") from None
+    if not math.isfinite(scale) or scale <= 0:
+        raise DataError(
+            f"dataset.reward_scale={reward_scale!r} must be a finite positive number, "
+            "e.g. 1.0 to use the rewards as stored"
+        )
+    return scale
+
+
+def scale_rewards(splits: PreferenceSplits, reward_scale: float) -> PreferenceSplits:
+    """Return the splits with every reward multiplied by `reward_scale`; files are not changed."""
+    if not splits.has_rewards:
+        log.warning("dataset.reward_scale=%g has no effect: the pairs carry no rewards",
+                    reward_scale)
+        return splits
+
+    def scale(pairs: list[PreferencePair]) -> list[PreferencePair]:
+        return [
+            replace(pair, chosen_reward=pair.chosen_reward * reward_scale,
+                    rejected_reward=pair.rejected_reward * reward_scale)
+            for pair in pairs
+        ]
+
+    log.info("Scaled every reward by dataset.reward_scale=%g", reward_scale)
+    return PreferenceSplits(scale(splits.train), scale(splits.eval))
 
 
 # ---------------------------------------------------------------------------
@@ -548,3 +586,4 @@ def training_texts(pairs: Iterable[PreferencePair]) -> Iterator[str]:
         yield pair.prompt
         yield pair.chosen
         yield pair.rejected
+
