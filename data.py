@@ -18,7 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -587,3 +587,62 @@ def training_texts(pairs: Iterable[PreferencePair]) -> Iterator[str]:
         yield pair.chosen
         yield pair.rejected
 
+
+# ---------------------------------------------------------------------------
+# Raw rows by split, for tools that rewrite a source
+# ---------------------------------------------------------------------------
+
+
+def read_source_rows(config) -> dict[str, list[tuple[dict, str]]]:
+    """Read the raw rows of the source that the `dataset` config selects, by split.
+
+    Returns {"train": rows} plus {"test": rows} when the source has a test
+    split; each row is a (row dict, location) item as `read_rows` yields it,
+    with every original column. A local directory maps its `train*` and
+    `test*` files to those names, and a hub dataset maps `dataset.train_split`
+    and `dataset.eval_split`. Unlike `load_preference_data`, nothing is held
+    out, subsampled or dropped here.
+    """
+    if config.get("synthetic"):
+        pairs = build_synthetic_pairs(config.num_pairs, config.seed)
+        rows = [(asdict(pair), f"synthetic[{index}]") for index, pair in enumerate(pairs)]
+        return {"train": rows}
+
+    if config.get("path"):
+        path = Path(config.path).expanduser()
+        if not path.exists():
+            raise DataError(f"dataset.path={str(path)!r} does not exist")
+        if path.is_file():
+            return {"train": list(read_rows(path))}
+        splits = {
+            split: [item for file in files for item in read_rows(file)]
+            for split in ("train", "test")
+            if (files := _split_files(path, split))
+        }
+        if not splits:
+            raise DataError(
+                f"dataset.path={str(path)!r} contains no train.* or test.* files with a suffix in "
+                f"{', '.join(FILE_SUFFIXES)}"
+            )
+        return splits
+
+    if config.get("name"):
+        import datasets
+
+        dataset = datasets.load_dataset(config.name, data_dir=config.get("data_dir"))
+        if config.train_split not in dataset:
+            raise DataError(
+                f"dataset.name={config.name!r} has no split {config.train_split!r} "
+                f"(splits: {list(dataset)}); set dataset.train_split"
+            )
+        splits = {}
+        for split, hub_split in (("train", config.train_split), ("test", config.eval_split)):
+            if hub_split in dataset:
+                splits[split] = [(dict(row), f"{config.name}[{hub_split}][{index}]")
+                                 for index, row in enumerate(dataset[hub_split])]
+        return splits
+
+    raise DataError(
+        "No dataset selected: set dataset.path (local files), dataset.name (hub id), "
+        "or use dataset=synthetic"
+    )
