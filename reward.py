@@ -16,9 +16,10 @@ pairwise accuracy and saves a checkpoint that
 score: every usable pair of the `dataset` source is scored without gradients
 and written, with all original columns plus `chosen_reward` and
 `rejected_reward`, to `reward.output` (`train.parquet`, `test.parquet` when the
-source has a test split, and `scoring.json` with the row counts). Scoring the
-same data with the same model and batch size gives the same rewards, so an
-interrupted run is simply rerun.
+source has a test split, and `scoring.json` with the row counts). The output
+directory appears only once complete. Batches are formed from the data alone,
+so on CPU a rerun gives identical rewards (tests/test_reward.py checks this),
+and an interrupted run is simply rerun.
 """
 
 import json

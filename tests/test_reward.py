@@ -322,6 +322,21 @@ def test_reward_scale_multiplies_loaded_rewards(scored_hh_dir):
         assert scaled_pair.rejected_reward == pytest.approx(2.5 * plain_pair.rejected_reward)
 
 
+def test_dpo_logs_scaled_reward_differences(caplog):
+    overrides = ["dataset.num_pairs=200"]
+    plain = data.load_preference_data(compose_config("dpo", overrides).dataset, seed=0)
+    scaled = data.load_preference_data(
+        compose_config("dpo", [*overrides, "dataset.reward_scale=2.0"]).dataset, seed=0
+    )
+    differences = torch.tensor([pair.chosen_reward - pair.rejected_reward for pair in plain.train])
+
+    with caplog.at_level("INFO", logger="dpo"):
+        dpo.log_reward_statistics(scaled)
+
+    expected = f"mean {2 * float(differences.mean()):.4g}, std {2 * float(differences.std()):.4g}"
+    assert expected in caplog.text
+
+
 @pytest.mark.parametrize("reward_scale", ["0", "-1.0", "nan"])
 def test_reward_scale_must_be_positive(reward_scale):
     dataset_config = compose_config("dpo", [f"dataset.reward_scale={reward_scale}"]).dataset
