@@ -88,14 +88,16 @@ def hh_subset_file(tmp_path_factory, hh_file) -> Path:
     return path
 
 
-def score_config(dataset_path: Path, reward_model_path: Path, output: Path, *extra: str):
+def score_config(dataset_path: Path | None, reward_model_path: Path, output: Path, *extra: str):
+    """Compose a score job config; dataset_path=None leaves the source to `extra`."""
+    source = [] if dataset_path is None else [f"dataset.path={dataset_path}"]
     return compose_config("reward", [
         "reward.job=score",
         f"reward.model={reward_model_path}",
         f"reward.output={output}",
         "reward.batch_size=8",
         "dataset=hh_rlhf",
-        f"dataset.path={dataset_path}",
+        *source,
         "dataset.max_length=128",
         "dataset.max_prompt_length=64",
         "wandb.enabled=false",
@@ -103,7 +105,7 @@ def score_config(dataset_path: Path, reward_model_path: Path, output: Path, *ext
     ])
 
 
-def score(dataset_path: Path, reward_model_path: Path, output: Path, *extra: str) -> Path:
+def score(dataset_path: Path | None, reward_model_path: Path, output: Path, *extra: str) -> Path:
     """Run the score job into `output` and return it."""
     config = score_config(dataset_path, reward_model_path, output, *extra)
     return reward.score_dataset(config, output.parent)
@@ -398,6 +400,45 @@ def test_score_keeps_test_split_of_a_directory(hh_rows, reward_model_dir, tmp_pa
 
     assert pq.read_table(output / "train.parquet").num_rows == 30
     assert pq.read_table(output / "test.parquet").num_rows == 10
+
+
+def test_score_reads_hub_dataset_layout(hh_rows, reward_model_dir, tmp_path, monkeypatch):
+    # load_dataset reads a local directory like a hub repository, so the hub
+    # code path runs offline on the same layout.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    subset = tmp_path / "hub" / "harmless-base"
+    subset.mkdir(parents=True)
+    rows = [{**row, "id": index} for index, row in enumerate(hh_rows[:12])]
+    write_json_lines(subset / "train.jsonl", rows[:8])
+    write_json_lines(subset / "test.jsonl", rows[8:])
+
+    output = score(None, reward_model_dir, tmp_path / "scored",
+                   f"dataset.name={tmp_path / 'hub'}", "dataset.data_dir=harmless-base")
+    train_table = pq.read_table(output / "train.parquet")
+    test_table = pq.read_table(output / "test.parquet")
+
+    assert train_table.column("id").to_pylist() == list(range(8))
+    assert test_table.column("id").to_pylist() == list(range(8, 12))
+    assert "chosen_reward" in test_table.column_names
+
+
+def test_rejudged_config_loads_assumed_columns(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = [{"chosen": f"\n\nHuman: q{index}\n\nAssistant: good {index}",
+             "rejected": f"\n\nHuman: q{index}\n\nAssistant: bad {index}",
+             "chosen_reward": 1.5 + index, "rejected_reward": -0.5} for index in range(4)]
+    write_json_lines(tmp_path / "train.jsonl", rows[:3])
+    write_json_lines(tmp_path / "test.jsonl", rows[3:])
+    config = compose_config("dpo", ["dataset=hh_rlhf_rejudged", f"dataset.name={tmp_path}",
+                                    "loss=rebel"])
+
+    splits = data.load_preference_data(config.dataset, seed=0)
+
+    assert splits.has_rewards
+    assert [pair.prompt for pair in splits.train] == [f"\n\nHuman: q{index}\n\nAssistant:"
+                                                      for index in range(3)]
+    assert [pair.chosen_reward for pair in splits.train] == [1.5, 2.5, 3.5]
+    assert [pair.rejected_reward for pair in splits.eval] == [-0.5]
 
 
 def test_score_keeps_old_rewards_as_original(reward_model_dir, tmp_path):
