@@ -311,6 +311,20 @@ def test_scored_directory_loads_with_dataset_path(scored_hh_dir):
         assert (pair.prompt + pair.chosen, pair.chosen_reward) in rewards
 
 
+def test_scored_file_keeps_held_out_pairs(hh_subset_file, scored_hh_dir):
+    """With the same seed, training on the scored copy holds out the same pairs."""
+    source = compose_config("dpo", ["dataset=hh_rlhf", f"dataset.path={hh_subset_file}"])
+    scored = compose_config("dpo", ["dataset=hh_rlhf", f"dataset.path={scored_hh_dir}"])
+
+    source_splits = data.load_preference_data(source.dataset, seed=0)
+    scored_splits = data.load_preference_data(scored.dataset, seed=0)
+
+    assert [pair.chosen for pair in scored_splits.eval] == \
+        [pair.chosen for pair in source_splits.eval]
+    assert [pair.chosen for pair in scored_splits.train] == \
+        [pair.chosen for pair in source_splits.train]
+
+
 def test_reward_scale_multiplies_loaded_rewards(scored_hh_dir):
     overrides = ["dataset=hh_rlhf", f"dataset.path={scored_hh_dir}"]
     plain = data.load_preference_data(compose_config("dpo", overrides).dataset, seed=0)
