@@ -595,8 +595,6 @@ class PreferenceCollator:
 
     Putting both responses in one batch lets the policy score them in a single
     forward pass. `labels` hold IGNORE_INDEX on prompt and padding tokens.
-    `response_start` is the first position of any label, so the model can
-    skip the output layer on the prompt positions before it.
     """
 
     def __init__(self, pad_token_id: int):
@@ -606,7 +604,6 @@ class PreferenceCollator:
         sequences = [(pair.prompt_ids, pair.chosen_ids) for pair in pairs]
         sequences += [(pair.prompt_ids, pair.rejected_ids) for pair in pairs]
         batch = _pad_sequences(sequences, self.pad_token_id)
-        batch["response_start"] = min(len(pair.prompt_ids) for pair in pairs)
         if pairs[0].reward_difference is not None:
             batch["reward_differences"] = torch.tensor(
                 [pair.reward_difference for pair in pairs], dtype=torch.float32

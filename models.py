@@ -143,22 +143,11 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     Labels equal to -100 (prompt and padding) are skipped. Logits are upcast to
     float32, and the label log-probs are taken as the gathered logit minus the
     log-sum-exp, so no second vocabulary-sized tensor of log-softmax is built.
-    When the batch carries `response_start` (the first position of any label,
-    a Python int), the model computes logits only from the position before it
-    (`logits_to_keep`), so the output layer skips the leading prompt tokens.
     Both outputs have shape (batch,).
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    labels = batch["labels"]
-    if "response_start" in batch:
-        # NOTE: models whose remote code lacks the transformers `logits_to_keep`
-        # argument reject this call; their collator must not set response_start.
-        kept_positions = labels.shape[1] - max(batch["response_start"], 1) + 1
-        inputs["logits_to_keep"] = kept_positions
-        labels = labels[:, -kept_positions:]
-    logits = model(**inputs).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
-    labels = labels[:, 1:]
+    labels = batch["labels"][:, 1:]
     mask = labels != -100
     label_logits = torch.gather(logits, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     token_logps = (label_logits - torch.logsumexp(logits, dim=-1)) * mask

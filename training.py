@@ -355,17 +355,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def group_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
         """Reorder the kept part of `order` into length-sorted global batches; see the class."""
-        kept = self.steps_per_epoch * self.batch_size
+        kept_examples = self.steps_per_epoch * self.batch_size
         group_size = self.batch_size * LENGTH_GROUP_BATCHES
         grouped = []
-        for start in range(0, kept, group_size):
-            group = order[start:min(start + group_size, kept)]
+        for start in range(0, kept_examples, group_size):
+            group = order[start:min(start + group_size, kept_examples)]
             group.sort(key=lambda index: self.lengths[index], reverse=True)
             batches = [group[offset:offset + self.batch_size]
                        for offset in range(0, len(group), self.batch_size)]
             for position in torch.randperm(len(batches), generator=generator).tolist():
                 grouped += batches[position]
-        return grouped + order[kept:]
+        return grouped + order[kept_examples:]
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """Return this process's micro-batches of optimiser step `step` (counted from 0)."""

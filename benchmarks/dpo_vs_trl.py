@@ -423,7 +423,7 @@ def summarise_runs(name: str, runs: list[dict], facts: dict, arguments, peak: fl
         "name": name,
         "pairs_per_second": statistics.median(pairs_per_second),
         "tokens_per_second": median_tokens,
-        "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+        "peak_rss_mib": [run["peak_rss_mib"] for run in runs],
         "mfu": flops_per_token * median_tokens / peak,
         "runs": len(runs),
     }
@@ -431,13 +431,15 @@ def summarise_runs(name: str, runs: list[dict], facts: dict, arguments, peak: fl
 
 def markdown_table(summaries: list[dict], trl: dict) -> str:
     lines = ["| implementation | pairs/s (median) | tokens/s (median) | ratio ours/TRL (pairs/s) "
-             "| peak RSS (MiB) | MFU |",
+             "| peak RSS, MiB (median, min-max) | MFU |",
              "|---|---|---|---|---|---|"]
     for summary in summaries:
         ratio = summary["pairs_per_second"] / trl["pairs_per_second"]
+        memory = summary["peak_rss_mib"]
         lines.append(f"| {summary['name']} | {summary['pairs_per_second']:.2f} | "
                      f"{summary['tokens_per_second']:.0f} | {ratio:.2f} | "
-                     f"{summary['peak_rss_mib']:.0f} | {summary['mfu']:.2%} |")
+                     f"{statistics.median(memory):.0f} ({min(memory):.0f}-{max(memory):.0f}) | "
+                     f"{summary['mfu']:.2%} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Length-grouped batching, the tokenized-pair cache and prompt-skipping log-probs."""
+"""Length-grouped batching and the tokenized-pair cache."""
 
 import random
 from pathlib import Path
@@ -37,11 +37,11 @@ def test_grouped_epoch_visits_kept_pairs_once():
     ungrouped = training.GlobalBatchSampler(50, 8, 1, 0, 1, seed=3)
     visited = [index for step in range(sampler.steps_per_epoch)
                for index in global_batch(sampler, step)]
-    kept = [index for step in range(ungrouped.steps_per_epoch)
+    ungrouped_visited = [index for step in range(ungrouped.steps_per_epoch)
             for index in global_batch(ungrouped, step)]
     assert len(visited) == 48
     assert len(set(visited)) == 48
-    assert set(visited) == set(kept)
+    assert set(visited) == set(ungrouped_visited)
 
 
 def test_grouped_steps_same_for_any_split():
@@ -182,24 +182,3 @@ def test_cache_dir_none_writes_nothing(tmp_path, tokenizer, pairs):
     tokenized = data.tokenize_pairs_cached(pairs, tokenizer, 64, 32, None)
     assert tokenized == data.tokenize_pairs(pairs, tokenizer, 64, 32)
     assert list(tmp_path.iterdir()) == []
-
-
-# ---------------------------------------------------------------------------
-# Log-probs from the response start on
-# ---------------------------------------------------------------------------
-
-
-def test_response_start_keeps_sequence_logps(tokenizer, pairs):
-    architecture = OmegaConf.create(
-        {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 128}
-    )
-    model = models.build_tiny_model(architecture, tokenizer, seed=0)
-    tokenized = data.tokenize_pairs(pairs[:6], tokenizer, 64, 32)
-    batch = data.PreferenceCollator(tokenizer.pad_token_id)(tokenized)
-    full_batch = {key: value for key, value in batch.items() if key != "response_start"}
-    with torch.no_grad():
-        skipped_logps, skipped_counts = models.sequence_logps(model, batch)
-        full_logps, full_counts = models.sequence_logps(model, full_batch)
-    assert batch["response_start"] == min(len(pair.prompt_ids) for pair in tokenized)
-    assert torch.equal(skipped_counts, full_counts)
-    torch.testing.assert_close(skipped_logps, full_logps, rtol=1e-5, atol=1e-4)
