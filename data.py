@@ -12,9 +12,12 @@ Three sources are supported, selected by the `dataset` config group:
 """
 
 import gzip
+import hashlib
 import json
 import logging
 import math
+import os
+import pickle
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -493,6 +496,11 @@ class TokenizedPair:
     rejected_ids: list[int]
     reward_difference: float | None
 
+    @property
+    def length(self) -> int:
+        """Tokens in the longer of the two sequences, which sets the pair's padded width."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
 
 def truncate(prompt_ids: list[int], response_ids: list[int], max_length: int,
              max_prompt_length: int) -> tuple[list[int], list[int]]:
@@ -532,6 +540,78 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
             f"dataset.max_length={max_length}, or no response token fits"
         )
     return [tokenize_pair(pair, tokenizer, max_length, max_prompt_length) for pair in pairs]
+
+
+TOKENIZED_CACHE_VERSION = 1  # bump when TokenizedPair or tokenize_pair changes
+
+
+def tokenized_cache_key(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
+                        max_prompt_length: int) -> str | None:
+    """Hash the pairs' text and rewards, the tokenizer and the length limits.
+
+    Returns None for a tokenizer without a serialisable fast backend, whose
+    output cannot be fingerprinted; such data is tokenized every run.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256()
+    header = [TOKENIZED_CACHE_VERSION, max_length, max_prompt_length, tokenizer.eos_token_id]
+    digest.update(json.dumps(header).encode())
+    digest.update(backend.to_str().encode())
+    for pair in pairs:
+        fields = [pair.prompt, pair.chosen, pair.rejected, pair.chosen_reward, pair.rejected_reward]
+        digest.update(json.dumps(fields).encode())
+    return digest.hexdigest()
+
+
+def _read_tokenized_cache(path: Path) -> list[TokenizedPair] | None:
+    """Load a cache file, or return None (with a warning) when it is unreadable."""
+    try:
+        rows = torch.load(path, weights_only=True)
+        return [TokenizedPair(*row) for row in rows]
+    except (OSError, RuntimeError, EOFError, TypeError, ValueError,
+            pickle.UnpicklingError) as error:
+        log.warning("Tokenized cache %s is unreadable (%s); tokenizing again and replacing it",
+                    path, error)
+        return None
+
+
+def _write_tokenized_cache(path: Path, tokenized: list[TokenizedPair]) -> None:
+    """Write the cache under a temporary name and rename it, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, pair.reward_difference)
+            for pair in tokenized]
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save(rows, partial)
+    os.replace(partial, path)
+
+
+def tokenize_pairs_cached(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
+                          max_prompt_length: int, cache_dir: Path | None) -> list[TokenizedPair]:
+    """Tokenize like `tokenize_pairs`, reusing the result of an earlier run from `cache_dir`.
+
+    The cache file is named by `tokenized_cache_key`, so changed data, another
+    tokenizer or other length limits never hit a stale file. An unreadable
+    file is rebuilt. `cache_dir` None turns caching off.
+    """
+    key = None
+    if cache_dir is not None:
+        key = tokenized_cache_key(pairs, tokenizer, max_length, max_prompt_length)
+    if key is None:
+        return tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
+
+    path = Path(cache_dir) / f"tokenized-{key}.pt"
+    if path.is_file():
+        tokenized = _read_tokenized_cache(path)
+        if tokenized is not None and len(tokenized) == len(pairs):
+            log.info("Loaded %d tokenized pairs from %s", len(tokenized), path)
+            return tokenized
+
+    tokenized = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
+    _write_tokenized_cache(path, tokenized)
+    log.info("Tokenized %d pairs and cached them in %s", len(tokenized), path)
+    return tokenized
 
 
 def _pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: int):

@@ -142,12 +142,13 @@ def preference_step(policy, reference, loss_function, spec: losses.LossSpec, bat
     Returns the mean loss and per-pair statistics: the loss, implicit rewards,
     summed log-probs, and reward differences when the batch has them.
     """
-    policy_logps, token_counts = models.sequence_logps(policy, batch)
     if "reference_logps" in batch:
         reference_logps = batch["reference_logps"]
     else:
+        # The reference goes first, so its activations are freed before the policy's are kept.
         with torch.no_grad():
             reference_logps, _ = models.sequence_logps(reference, batch)
+    policy_logps, token_counts = models.sequence_logps(policy, batch)
 
     summed_policy_logps = policy_logps
     if spec.average_logps:
@@ -248,8 +249,11 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     accelerator = training.make_accelerator(config.training)
     tokenizer, policy = load_policy(checkpoint, config)
     max_length, max_prompt_length = config.dataset.max_length, config.dataset.max_prompt_length
-    train_set = data.tokenize_pairs(splits.train, tokenizer, max_length, max_prompt_length)
-    eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
+    cache_dir = Path(config.cache_dir) if config.get("cache_dir") else None
+    train_set = data.tokenize_pairs_cached(splits.train, tokenizer, max_length,
+                                           max_prompt_length, cache_dir)
+    eval_set = data.tokenize_pairs_cached(splits.eval, tokenizer, max_length,
+                                          max_prompt_length, cache_dir)
 
     collator = data.PreferenceCollator(tokenizer.pad_token_id)
     reference = None

@@ -22,7 +22,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5  # seconds between progress bar refreshes, which keeps log files short
 MIXED_PRECISION_MODES = ("no", "bf16", "fp16")
 TRAINER_STATE_FILE = "trainer_state.json"  # loop position saved beside accelerate's state
+# Global batches per length-sorted group (`training.group_by_length`): larger groups pad
+# less, but make the pairs of a batch less random.
+LENGTH_GROUP_BATCHES = 50
+# Data-order settings absent from checkpoints saved before the setting existed.
+RUN_SETTING_DEFAULTS = {"group_by_length": False}
 
 # A step function returns the mean loss of a micro-batch and per-example
 # statistics of shape (batch,), which the loop gathers and summarises.
@@ -292,10 +297,23 @@ class GlobalBatchSampler(Sampler[list[int]]):
     micro-batches. So optimiser step k sees the same pairs whatever the process
     count and accumulation, and iteration can begin at any step
     (`start_step`), which is how a resumed run continues where it stopped.
+
+    With `lengths` (tokens per example), batches are grouped by length: the
+    kept part of each epoch's permutation is cut into groups of
+    LENGTH_GROUP_BATCHES global batches, each group is sorted by length
+    (longest first) and cut into global batches, and the batches of a group
+    are shuffled. Pairs of similar length then share a batch and micro-batch,
+    so little padding is computed. The epoch still visits the same pairs.
     """
 
     def __init__(self, num_examples: int, batch_size: int, num_processes: int,
-                 process_index: int, accumulation_steps: int, seed: int):
+                 process_index: int, accumulation_steps: int, seed: int,
+                 lengths: Sequence[int] | None = None):
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(
+                f"lengths has {len(lengths)} entries for {num_examples} examples; pass one "
+                "length per example"
+            )
         if num_examples < batch_size:
             raise ValueError(
                 f"{num_examples} training pairs do not fill one batch of training.batch_size="
@@ -312,6 +330,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.process_index = process_index
         self.accumulation_steps = accumulation_steps
         self.seed = seed
+        self.lengths = lengths
         self.start_step = 0
         self._order_epoch: int | None = None
         self._order: list[int] = []
@@ -329,8 +348,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if self._order_epoch != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                self._order = self.group_by_length(self._order, generator)
             self._order_epoch = epoch
         return self._order
+
+    def group_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+        """Reorder the kept part of `order` into length-sorted global batches; see the class."""
+        kept_examples = self.steps_per_epoch * self.batch_size
+        group_size = self.batch_size * LENGTH_GROUP_BATCHES
+        grouped = []
+        for start in range(0, kept_examples, group_size):
+            group = order[start:min(start + group_size, kept_examples)]
+            group.sort(key=lambda index: self.lengths[index], reverse=True)
+            batches = [group[offset:offset + self.batch_size]
+                       for offset in range(0, len(group), self.batch_size)]
+            for position in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[position]
+        return grouped + order[kept_examples:]
 
     def step_micro_batches(self, step: int) -> list[list[int]]:
         """Return this process's micro-batches of optimiser step `step` (counted from 0)."""
@@ -355,7 +390,12 @@ def build_train_loader(dataset, collate_fn, training: DictConfig,
 
     The loader is not passed to `accelerator.prepare`, because accelerate
     would shard it again; the loop moves each batch to the device itself.
+    With `training.group_by_length`, batches group pairs of similar length
+    (`TokenizedPair.length`), which changes the data order.
     """
+    lengths = None
+    if training.get("group_by_length", False):
+        lengths = [pair.length for pair in dataset]
     sampler = GlobalBatchSampler(
         num_examples=len(dataset),
         batch_size=training.batch_size,
@@ -363,6 +403,7 @@ def build_train_loader(dataset, collate_fn, training: DictConfig,
         process_index=accelerator.process_index,
         accumulation_steps=accelerator.gradient_accumulation_steps,
         seed=training.seed,
+        lengths=lengths,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
 
@@ -604,10 +645,11 @@ def find_resume_checkpoint(resume, outputs_dir: Path, stage: str) -> Path | None
 def check_resume_compatible(trainer_state: dict, expected: dict, checkpoint: Path) -> None:
     """Raise ValueError when the checkpoint's data order differs from this run's."""
     for key, value in expected.items():
-        if trainer_state.get(key) != value:
+        saved = trainer_state.get(key, RUN_SETTING_DEFAULTS.get(key))
+        if saved != value:
             raise ValueError(
                 f"Cannot resume from {checkpoint}: it was saved with {key}="
-                f"{trainer_state.get(key)!r}, but this run has {key}={value!r}, so the "
+                f"{saved!r}, but this run has {key}={value!r}, so the "
                 "data order would differ. Resume with the settings of the original run."
             )
 
@@ -738,7 +780,8 @@ def run_training(
     """
     sampler: GlobalBatchSampler = train_loader.batch_sampler
     run_settings = {"batch_size": training.batch_size, "seed": training.seed,
-                    "num_examples": len(train_loader.dataset)}
+                    "num_examples": len(train_loader.dataset),
+                    "group_by_length": sampler.lengths is not None}
     state = LoopState()
     if resume_from is not None:
         state = load_training_state(accelerator, resume_from, run_settings)
@@ -801,12 +844,13 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, batches, s
     accumulation_steps = accelerator.gradient_accumulation_steps
     parts, loss_total, token_count = [], 0.0, 0
     for _ in range(accumulation_steps):
-        batch = send_to_device(next(batches), accelerator.device)
+        batch = next(batches)
+        token_count += int(batch["attention_mask"].sum())  # counted on the host: no device sync
+        batch = send_to_device(batch, accelerator.device)
         with accelerator.accumulate(model):
             loss, statistics = step_function(batch)
             accelerator.backward(loss)
         loss_total += loss.detach().float()
-        token_count += int(batch["attention_mask"].sum())
         parts.append(statistics)
 
     loss_value = float(loss_total) / accumulation_steps
