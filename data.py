@@ -531,14 +531,19 @@ def tokenize_pair(pair: PreferencePair, tokenizer, max_length: int,
     return TokenizedPair(prompt_for_chosen, chosen_ids, rejected_ids, reward_difference)
 
 
-def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
-                   max_prompt_length: int) -> list[TokenizedPair]:
-    """Tokenize every pair; see `tokenize_pair`."""
+def check_length_limits(max_length: int, max_prompt_length: int) -> None:
+    """Raise DataError unless at least one response token fits after the longest prompt."""
     if max_prompt_length >= max_length:
         raise DataError(
             f"dataset.max_prompt_length={max_prompt_length} must be smaller than "
             f"dataset.max_length={max_length}, or no response token fits"
         )
+
+
+def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int,
+                   max_prompt_length: int) -> list[TokenizedPair]:
+    """Tokenize every pair; see `tokenize_pair`."""
+    check_length_limits(max_length, max_prompt_length)
     return [tokenize_pair(pair, tokenizer, max_length, max_prompt_length) for pair in pairs]
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger("dpo")
 def validate_dpo_config(config: DictConfig) -> losses.LossSpec:
     """Check the loss settings before any data or model loads; return the loss spec."""
     spec = losses.get_loss(config.dpo.loss_type)
+    if not isinstance(config.dpo.beta, int | float) or isinstance(config.dpo.beta, bool):
+        raise ValueError(f"dpo.beta={config.dpo.beta!r} is not a number; use e.g. dpo.beta=5.0")
     if not config.dpo.beta > 0:
         raise ValueError(f"dpo.beta={config.dpo.beta} must be positive, e.g. dpo.beta=5.0")
     smoothing = config.dpo.label_smoothing
@@ -48,6 +50,7 @@ def validate_dpo_config(config: DictConfig) -> losses.LossSpec:
         )
     if not 0.0 <= smoothing < 0.5:
         raise ValueError(f"dpo.label_smoothing={smoothing} must be in [0, 0.5)")
+    data.check_length_limits(config.dataset.max_length, config.dataset.max_prompt_length)
     return spec
 
 
@@ -56,7 +59,8 @@ def resolve_checkpoint(config: DictConfig) -> str:
     if config.model.name:
         return config.model.name
     outputs_dir = Path(config.outputs_dir)
-    checkpoint = models.newest_sft_checkpoint(outputs_dir)
+    checkpoint = models.newest_sft_checkpoint(outputs_dir, config.model.label,
+                                              config.dataset.label)
     if checkpoint is None:
         raise FileNotFoundError(
             f"No SFT checkpoint found under {outputs_dir.resolve()}. Run `python sft.py` "
@@ -354,7 +358,7 @@ def write_failure_summary(run_dir: Path, config: DictConfig, error: Exception,
 
 @hydra.main(config_path="configs", config_name="dpo", version_base="1.3")
 def main(config: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = training.shared_run_dir(Path(HydraConfig.get().runtime.output_dir))
     started = time.perf_counter()
     try:
         train_dpo(config, run_dir)

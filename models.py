@@ -85,9 +85,35 @@ def build_tiny_model(architecture, tokenizer, seed: int) -> GPTNeoXForCausalLM:
     return model
 
 
+def check_local_source(name_or_path: str, what: str) -> None:
+    """Reject an existing local directory that holds no Hugging Face files, before loading."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() \
+            and not (path / "tokenizer_config.json").is_file():
+        raise ValueError(
+            f"{what}={name_or_path!r} is a directory without a Hugging Face checkpoint "
+            "(no config.json). Point it at a checkpoint directory, such as an SFT run's "
+            "model/ directory, or at a hub id."
+        )
+
+
+def hub_error(name_or_path: str, what: str, error: OSError) -> OSError:
+    """Wrap a loading failure with what to check: the path, the hub id or the network."""
+    return OSError(
+        f"Could not load {what}={name_or_path!r}: {error}. Check the local path or hub id; "
+        "without network access, download it first or set HF_HUB_OFFLINE=1 to use the "
+        "local cache."
+    )
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool):
     """Load a tokenizer and give it a pad token (EOS) when it has none, as Pythia's lacks one."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_local_source(name_or_path, "model.tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path,
+                                                  trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise hub_error(name_or_path, "model.tokenizer", error) from error
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"Tokenizer {name_or_path!r} has no EOS token; responses must end with one. "
@@ -100,9 +126,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool):
 
 def load_causal_lm(name_or_path: str, dtype: str, trust_remote_code: bool):
     """Load a causal LM from the hub or a local checkpoint in `dtype`."""
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    check_local_source(name_or_path, "model.name")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise hub_error(name_or_path, "model.name", error) from error
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -111,23 +141,57 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and has_weights
 
 
-def newest_sft_checkpoint(outputs_dir: Path) -> Path | None:
-    """Find the most recently saved SFT model under `outputs_dir`, or None.
+def sft_checkpoints(outputs_dir: Path) -> list[Path]:
+    """List the complete SFT models under `outputs_dir`, newest first.
 
     SFT runs write their final model to `<run>/model` with a `sft_config.yaml`
     beside the weights; checkpoints are renamed into place only when complete,
-    so a directory found here is never half-written.
+    so a directory listed here is never half-written.
     """
     if not outputs_dir.is_dir():
-        return None
+        return []
     candidates = [
         marker.parent
         for marker in outputs_dir.rglob("model/sft_config.yaml")
         if is_checkpoint_dir(marker.parent)
     ]
-    if not candidates:
+    return sorted(candidates, key=lambda path: (path / "sft_config.yaml").stat().st_mtime,
+                  reverse=True)
+
+
+def sft_labels(checkpoint: Path) -> tuple[str | None, str | None]:
+    """Return the (model.label, dataset.label) that an SFT checkpoint was trained with."""
+    import yaml
+
+    config = yaml.safe_load((checkpoint / "sft_config.yaml").read_text(encoding="utf-8")) or {}
+    return (config.get("model") or {}).get("label"), (config.get("dataset") or {}).get("label")
+
+
+def newest_sft_checkpoint(outputs_dir: Path, model_label: str | None = None,
+                          dataset_label: str | None = None) -> Path | None:
+    """Find the newest SFT model under `outputs_dir` trained with the given labels, or None.
+
+    A label of None matches any checkpoint. Raises FileNotFoundError when SFT
+    checkpoints exist but none matches, naming what was found.
+    """
+    checkpoints = sft_checkpoints(outputs_dir)
+    if not checkpoints:
         return None
-    return max(candidates, key=lambda path: (path / "sft_config.yaml").stat().st_mtime)
+    for checkpoint in checkpoints:
+        trained_model, trained_dataset = sft_labels(checkpoint)
+        if model_label not in (None, trained_model):
+            continue
+        if dataset_label not in (None, trained_dataset):
+            continue
+        return checkpoint
+    found = ", ".join(f"{checkpoint} (model={labels[0]}, dataset={labels[1]})"
+                      for checkpoint in checkpoints[:5]
+                      for labels in [sft_labels(checkpoint)])
+    raise FileNotFoundError(
+        f"No SFT checkpoint under {outputs_dir} was trained with model={model_label} and "
+        f"dataset={dataset_label}; found: {found}. Run `python sft.py model={model_label} "
+        f"dataset={dataset_label}` first, or set model.name to the checkpoint to start from."
+    )
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

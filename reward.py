@@ -97,7 +97,8 @@ def resolve_start_checkpoint(config: DictConfig) -> str:
     if config.model.name:
         return config.model.name
     outputs_dir = Path(config.outputs_dir)
-    checkpoint = models.newest_sft_checkpoint(outputs_dir)
+    checkpoint = models.newest_sft_checkpoint(outputs_dir, config.model.label,
+                                              config.dataset.label)
     if checkpoint is None:
         raise FileNotFoundError(
             f"No SFT checkpoint found under {outputs_dir.resolve()}. Run `python sft.py` "
@@ -533,7 +534,7 @@ def run_reward_job(config: DictConfig, run_dir: Path) -> dict[str, float] | Path
 @hydra.main(config_path="configs", config_name="reward", version_base="1.3")
 def main(config: DictConfig) -> None:
     try:
-        run_reward_job(config, Path(HydraConfig.get().runtime.output_dir))
+        run_reward_job(config, training.shared_run_dir(Path(HydraConfig.get().runtime.output_dir)))
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)

@@ -78,6 +78,7 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     training.validate_training_config(config.training)
+    data.check_length_limits(config.dataset.max_length, config.dataset.max_prompt_length)
     models.validate_lora_config(config.model.lora)
     resume_from = training.find_resume_checkpoint(config.training.resume,
                                                   Path(config.outputs_dir), "sft")
@@ -151,7 +152,7 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
 @hydra.main(config_path="configs", config_name="sft", version_base="1.3")
 def main(config: DictConfig) -> None:
     try:
-        train_sft(config, Path(HydraConfig.get().runtime.output_dir))
+        train_sft(config, training.shared_run_dir(Path(HydraConfig.get().runtime.output_dir)))
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)

@@ -131,6 +131,8 @@ def write_csv(path: Path, rows: list[RunSummary]) -> None:
 def format_number(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if not isinstance(value, int | float):  # a failed run may record an invalid setting as given
+        return str(value)
     return f"{value:.4g}"
 
 
@@ -178,7 +180,7 @@ def plot_metric_vs_beta(path: Path, rows: list[RunSummary], metric: str, ylabel:
 
     figure, axes = plt.subplots(figsize=(6, 4))
     completed = [row for row in rows if row.status == "completed"
-                 and row.beta is not None and getattr(row, metric) is not None]
+                 and isinstance(row.beta, int | float) and getattr(row, metric) is not None]
     for loss_type in sorted({row.loss_type for row in completed}):
         points = sorted((row for row in completed if row.loss_type == loss_type),
                         key=lambda row: row.beta)

@@ -37,6 +37,7 @@ from transformers import get_scheduler
 
 log = logging.getLogger(__name__)
 
+WANDB_INIT_TIMEOUT = 30  # seconds to reach the W&B server before falling back to offline
 PROGRESS_INTERVAL = 0.5  # seconds between progress bar refreshes, which keeps log files short
 MIXED_PRECISION_MODES = ("no", "bf16", "fp16")
 TRAINER_STATE_FILE = "trainer_state.json"  # loop position saved beside accelerate's state
@@ -135,6 +136,23 @@ def micro_batch_size_per_process(training: DictConfig, num_processes: int) -> in
     return training.micro_batch_size or training.batch_size // num_processes
 
 
+def shared_run_dir(run_dir: Path) -> Path:
+    """Return the main process's run directory, the same on every process.
+
+    Each process resolves Hydra's `${now:...}` run directory when it starts, so
+    processes launched a second apart would otherwise write logs and
+    checkpoint parts to different directories.
+    """
+    if launched_process_count() <= 1:
+        return run_dir
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    # Joins the process group that the launcher set up, as Accelerator would.
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return Path(broadcast_object_list([str(run_dir)])[0])
+
+
 def make_accelerator(training: DictConfig) -> Accelerator:
     """Create the Accelerator (device: CUDA, then MPS, then CPU) and seed every RNG.
 
@@ -203,16 +221,25 @@ def init_wandb(config: DictConfig, run_dir: Path, accelerator: Accelerator):
                 "(sync later with `wandb sync`, or set wandb.enabled=false)",
                 run_dir,
             )
-    return wandb.init(
-        project=config.wandb.project,
-        entity=config.wandb.entity,
-        name=config.wandb.run_name,
-        group=config.wandb.group,
-        dir=str(run_dir),
-        mode=mode,
-        config=OmegaConf.to_container(config, resolve=True),
-        settings=wandb.Settings(silent=True, console="off"),
-    )
+    arguments = {
+        "project": config.wandb.project,
+        "entity": config.wandb.entity,
+        "name": config.wandb.run_name,
+        "group": config.wandb.group,
+        "dir": str(run_dir),
+        "config": OmegaConf.to_container(config, resolve=True),
+        "settings": wandb.Settings(silent=True, console="off", init_timeout=WANDB_INIT_TIMEOUT),
+    }
+    if mode != "online":
+        return wandb.init(mode=mode, **arguments)
+    try:
+        return wandb.init(mode=mode, **arguments)
+    except wandb.errors.Error as error:
+        log.warning(
+            "W&B online logging failed (%s); logging offline to %s/wandb instead. Set "
+            "WANDB_MODE=offline to skip the attempt, or wandb.enabled=false.", error, run_dir,
+        )
+        return wandb.init(mode="offline", **arguments)
 
 
 class MetricsLogger:

@@ -151,6 +151,8 @@ def test_dpo_without_sft_run_fails(tmp_path):
         ("dpo.beta=-1.0", "dpo.beta=-1.0 must be positive"),
         ("dpo.loss_type=kto", "Valid loss types: hinge, ipo, rebel, sigmoid"),
         ("dpo.label_smoothing=0.1", "applies only to dpo.loss_type=sigmoid"),
+        ("dpo.beta=abc", "dpo.beta='abc' is not a number"),
+        ("dataset.max_prompt_length=128", "max_prompt_length=128 must be smaller"),
     ],
 )
 def test_bad_dpo_settings_fail_at_startup(tmp_path, override, message):
@@ -208,3 +210,12 @@ def test_cli_rejects_unknown_loss_before_loading(tmp_path):
                      f"outputs_dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     assert "Unknown dpo.loss_type='dpo'" in result.stderr
+
+
+def test_model_name_without_checkpoint_fails_clearly(tmp_path):
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    config = compose_config("dpo", ["wandb.enabled=false", f"outputs_dir={tmp_path}",
+                                    f"model.name={empty}", "dataset.num_pairs=100"])
+    with pytest.raises(ValueError, match="is a directory without a Hugging Face checkpoint"):
+        dpo.train_dpo(config, tmp_path / "run")

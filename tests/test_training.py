@@ -145,7 +145,7 @@ def test_newest_sft_checkpoint_picks_latest(tmp_path, tiny_parts):
     assert models.newest_sft_checkpoint(tmp_path) is None
     for name in ("older", "newer"):
         training.save_checkpoint(accelerator, model, tokenizer, tmp_path / "sft" / name / "model",
-                                 {"sft_config.yaml": name})
+                                 {"sft_config.yaml": "model: {label: tiny}\n"})
     older = tmp_path / "sft" / "older" / "model" / "sft_config.yaml"
     os.utime(older, (1, 1))
     assert models.newest_sft_checkpoint(tmp_path) == tmp_path / "sft" / "newer" / "model"
@@ -177,3 +177,37 @@ def test_wandb_logs_offline_without_credentials(monkeypatch, tmp_path, caplog):
     assert len(notices) == 1
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_newest_sft_checkpoint_matches_labels(tmp_path, tiny_parts):
+    tokenizer, model, _ = tiny_parts
+    accelerator = training.make_accelerator(training_config())
+    runs = {"hh": "hh_rlhf", "synthetic": "synthetic"}
+    for name, dataset_label in runs.items():
+        training.save_checkpoint(
+            accelerator, model, tokenizer, tmp_path / "sft" / name / "model",
+            {"sft_config.yaml": f"model: {{label: tiny}}\ndataset: {{label: {dataset_label}}}\n"},
+        )
+    os.utime(tmp_path / "sft" / "synthetic" / "model" / "sft_config.yaml", (1, 1))
+
+    found = models.newest_sft_checkpoint(tmp_path, "tiny", "synthetic")
+    assert found == tmp_path / "sft" / "synthetic" / "model"
+    with pytest.raises(FileNotFoundError, match="model=pythia-160m and dataset=synthetic"):
+        models.newest_sft_checkpoint(tmp_path, "pythia-160m", "synthetic")
+
+
+@pytest.mark.slow
+def test_wandb_falls_back_offline_when_server_unreachable(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # closed port on this machine
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    caplog.set_level("INFO", logger="training")
+    config = compose_config("dpo", [])
+    accelerator = training.make_accelerator(config.training)
+
+    run = training.init_wandb(config, tmp_path, accelerator)
+    run.finish()
+
+    assert "W&B online logging failed" in caplog.text
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
