@@ -79,6 +79,11 @@ class ScoredPair:
     reference_chosen_logp: float
     reference_rejected_logp: float
 
+    @property
+    def length(self) -> int:
+        """Tokens in the longer sequence of the pair, for length-grouped batching."""
+        return self.pair.length
+
 
 class ReferenceLogpsCollator:
     """Batch scored pairs like `base`, adding `reference_logps` of shape (2B,).

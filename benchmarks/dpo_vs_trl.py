@@ -285,7 +285,8 @@ def ours_first_batch(arguments: argparse.Namespace, work_dir: Path, pairs):
 
     config = compose_ours(arguments, work_dir)
     spec = dpo.validate_dpo_config(config)
-    tokenizer, policy, reference = dpo.load_policy_and_reference(config.model.name, config)
+    tokenizer, policy = dpo.load_policy(config.model.name, config)
+    reference = dpo.load_reference(config.model.name, config)
     tokenized = data.tokenize_pairs(pairs, tokenizer, arguments.max_length,
                                     arguments.max_prompt_length)
     batch = data.PreferenceCollator(tokenizer.pad_token_id)(tokenized)

@@ -329,3 +329,9 @@ def test_training_losses_equal_with_cache(tmp_path, checkpoint, caplog):
     assert hit == miss
     assert caplog.text.count("cache miss") == 1
     assert caplog.text.count("cache hit") == 1
+
+
+def test_scored_pair_reports_length_for_grouping():
+    pair = data.TokenizedPair([1, 2, 3], [4, 5], [6], None)
+    scored = reference_cache.ScoredPair(pair, -1.0, -2.0)
+    assert scored.length == 5
