@@ -422,14 +422,7 @@ def write_scored_dataset(target: Path, tables: dict[str, list[dict]], summary: d
     for split, rows in tables.items():
         write_parquet(rows, staging / f"{split}.parquet")
     (staging / SCORING_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-
-    if target.exists():
-        retired = target.with_name(f".{target.name}.retired-{os.getpid()}")
-        target.rename(retired)
-        staging.rename(target)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(target)
+    training.rename_into_place(staging, target)
 
 
 def describe_source(dataset_config: DictConfig) -> str:
