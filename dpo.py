@@ -332,6 +332,8 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
             save_step_checkpoint=save_step_checkpoint,
             evaluate_first=True,
             resume_from=resume_from,
+            run_identity={"loss_type": config.dpo.loss_type, "beta": config.dpo.beta,
+                          "learning_rate": config.training.learning_rate},
         )
         training.save_final_model(accelerator, policy, tokenizer, run_dir,
                                   {"dpo_config.yaml": resolved_config}, config.model.lora)

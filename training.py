@@ -670,14 +670,15 @@ def find_resume_checkpoint(resume, outputs_dir: Path, stage: str) -> Path | None
 
 
 def check_resume_compatible(trainer_state: dict, expected: dict, checkpoint: Path) -> None:
-    """Raise ValueError when the checkpoint's data order differs from this run's."""
+    """Raise ValueError when the checkpoint's data order or objective differs from this run's."""
     for key, value in expected.items():
         saved = trainer_state.get(key, RUN_SETTING_DEFAULTS.get(key))
         if saved != value:
             raise ValueError(
                 f"Cannot resume from {checkpoint}: it was saved with {key}="
-                f"{saved!r}, but this run has {key}={value!r}, so the "
-                "data order would differ. Resume with the settings of the original run."
+                f"{saved!r}, but this run has {key}={value!r}, so the resumed run would "
+                "not continue the original one. Resume with the settings of the original run, "
+                "or start a fresh run."
             )
 
 
@@ -788,6 +789,7 @@ def run_training(
     save_step_checkpoint: Callable[[dict], Path] | None = None,
     evaluate_first: bool = False,
     resume_from: Path | None = None,
+    run_identity: dict | None = None,
 ) -> dict[str, float]:
     """Train for `total_steps` optimiser steps and return the final eval metrics.
 
@@ -803,10 +805,12 @@ def run_training(
     `training.save_every` steps, and after SIGTERM or SIGINT, after which
     TrainingInterrupted is raised. `resume_from` restores such a checkpoint,
     so the run continues with the same weights, optimiser, schedule, RNG and
-    data position.
+    data position. `run_identity` holds settings, such as the loss and its
+    beta, that are saved with each checkpoint and must match on resume.
     """
     sampler: GlobalBatchSampler = train_loader.batch_sampler
-    run_settings = {"batch_size": training.batch_size, "seed": training.seed,
+    run_settings = {**(run_identity or {}),
+                    "batch_size": training.batch_size, "seed": training.seed,
                     "num_examples": len(train_loader.dataset),
                     "group_by_length": sampler.lengths is not None}
     state = LoopState()

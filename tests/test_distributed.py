@@ -230,6 +230,20 @@ def test_resume_with_other_batch_size_rejected(tmp_path):
                                          {"batch_size": 8, "seed": 0}, tmp_path)
 
 
+@pytest.mark.slow
+def test_resume_with_other_loss_rejected(sft_checkpoint, tmp_path):
+    first = tmp_path / "first"
+    dpo.train_dpo(compose_dpo(*dpo_overrides(sft_checkpoint, tmp_path, "training.max_steps=2",
+                                             "training.save_every=1", "dpo.loss_type=sigmoid")),
+                  first)
+    checkpoint = first / "checkpoints" / "step-000002"
+    resumed = compose_dpo(*dpo_overrides(sft_checkpoint, tmp_path, "training.max_steps=2",
+                                         "dpo.loss_type=ipo", f"training.resume={checkpoint}"))
+    with pytest.raises(ValueError, match="saved with loss_type='sigmoid', but this run has "
+                                         "loss_type='ipo'"):
+        dpo.train_dpo(resumed, tmp_path / "second")
+
+
 # ---------------------------------------------------------------------------
 # LoRA
 # ---------------------------------------------------------------------------
