@@ -352,7 +352,7 @@ def _synthetic_response(rng: random.Random, topic: str) -> tuple[str, float]:
 def build_synthetic_pairs(num_pairs: int, seed: int) -> list[PreferencePair]:
     """Generate HH-format pairs whose responses have known rewards.
 
-    Each prompt asks for examples of one topic, sometimes after a greeting
+    Each prompt requests examples of one topic, sometimes after a greeting
     turn. Each response is an opener followed by two to five items, each from
     the requested topic or another one, scored by `synthetic_reward`. Of two
     responses with different rewards, the higher-scored one is chosen. The

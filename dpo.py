@@ -24,7 +24,6 @@ import torch
 from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 import data
 import losses
@@ -268,16 +267,11 @@ def train_dpo(config: DictConfig, run_dir: Path) -> dict[str, float]:
     elif not config.model.lora.enabled:
         reference = load_reference(checkpoint, config)
 
-    train_loader = training.build_train_loader(train_set, collator, config.training, accelerator)
-    eval_loader = DataLoader(eval_set, batch_size=config.training.eval_batch_size,
-                             collate_fn=collator)
-
-    total_steps = training.count_steps(len(train_set), config.training)
-    optimizer = training.build_optimizer(policy, config.training)
-    scheduler = training.build_scheduler(optimizer, config.training, total_steps)
-    policy, optimizer, eval_loader, scheduler = accelerator.prepare(
-        policy, optimizer, eval_loader, scheduler
-    )
+    prepared = training.prepare_training(accelerator, policy, train_set, eval_set, collator,
+                                         config.training)
+    policy, optimizer, scheduler = prepared.model, prepared.optimizer, prepared.scheduler
+    train_loader, eval_loader = prepared.train_loader, prepared.eval_loader
+    total_steps = prepared.total_steps
     if reference is not None:
         reference = training.prepare_reference(accelerator, reference)
     elif config.model.lora.enabled and not config.dpo.precompute_ref_logps:

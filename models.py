@@ -86,7 +86,7 @@ def build_tiny_model(architecture, tokenizer, seed: int) -> GPTNeoXForCausalLM:
 
 
 def check_local_source(name_or_path: str, what: str) -> None:
-    """Reject an existing local directory that holds no Hugging Face files, before loading."""
+    """Reject an existing local directory that contains no Hugging Face files, before loading."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and not (path / "config.json").is_file() \
             and not (path / "tokenizer_config.json").is_file():
@@ -145,7 +145,7 @@ def sft_checkpoints(outputs_dir: Path) -> list[Path]:
     """List the complete SFT models under `outputs_dir`, newest first.
 
     SFT runs write their final model to `<run>/model` with a `sft_config.yaml`
-    beside the weights; checkpoints are renamed into place only when complete,
+    beside the weights. Checkpoints are renamed into place only when complete,
     so a directory listed here is never half-written.
     """
     if not outputs_dir.is_dir():

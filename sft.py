@@ -18,7 +18,6 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 import data
 import models
@@ -91,16 +90,11 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
     eval_set = data.tokenize_pairs(splits.eval, tokenizer, max_length, max_prompt_length)
 
     collator = data.SFTCollator(tokenizer.pad_token_id)
-    train_loader = training.build_train_loader(train_set, collator, config.training, accelerator)
-    eval_loader = DataLoader(eval_set, batch_size=config.training.eval_batch_size,
-                             collate_fn=collator)
-
-    total_steps = training.count_steps(len(train_set), config.training)
-    optimizer = training.build_optimizer(model, config.training)
-    scheduler = training.build_scheduler(optimizer, config.training, total_steps)
-    model, optimizer, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, eval_loader, scheduler
-    )
+    prepared = training.prepare_training(accelerator, model, train_set, eval_set, collator,
+                                         config.training)
+    model, optimizer, scheduler = prepared.model, prepared.optimizer, prepared.scheduler
+    train_loader, eval_loader = prepared.train_loader, prepared.eval_loader
+    total_steps = prepared.total_steps
 
     metrics = training.MetricsLogger(
         run_dir, training.init_wandb(config, run_dir, accelerator), accelerator.is_main_process

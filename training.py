@@ -157,7 +157,7 @@ def make_accelerator(training: DictConfig) -> Accelerator:
     """Create the Accelerator (device: CUDA, then MPS, then CPU) and seed every RNG.
 
     Gradient accumulation goes through accelerate, so DeepSpeed, which scales
-    and steps gradients itself, sees the same accumulation steps. The
+    and steps gradients itself, gets the same accumulation steps. The
     scheduler is stepped once per optimiser step by the loop, not once per
     process as accelerate would by default.
     """
@@ -321,7 +321,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     it into global batches of `batch_size` indices, dropping the remainder.
     Each global batch is split into `num_processes` equal slices; this process
     takes slice `process_index` and yields it as `accumulation_steps`
-    micro-batches. So optimiser step k sees the same pairs whatever the process
+    micro-batches. So optimiser step k gets the same pairs whatever the process
     count and accumulation, and iteration can begin at any step
     (`start_step`), which is how a resumed run continues where it stopped.
 
@@ -433,6 +433,33 @@ def build_train_loader(dataset, collate_fn, training: DictConfig,
         lengths=lengths,
     )
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+
+
+@dataclass
+class PreparedTraining:
+    """The model, optimiser, schedule and loaders of a run, placed by accelerate."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    total_steps: int
+
+
+def prepare_training(accelerator: Accelerator, model: torch.nn.Module, train_set, eval_set,
+                     collate_fn, training: DictConfig) -> PreparedTraining:
+    """Build the loaders, optimiser and learning-rate schedule, and hand them to accelerate."""
+    train_loader = build_train_loader(train_set, collate_fn, training, accelerator)
+    eval_loader = DataLoader(eval_set, batch_size=training.eval_batch_size,
+                             collate_fn=collate_fn)
+    total_steps = count_steps(len(train_set), training)
+    optimizer = build_optimizer(model, training)
+    scheduler = build_scheduler(optimizer, training, total_steps)
+    model, optimizer, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, eval_loader, scheduler
+    )
+    return PreparedTraining(model, optimizer, scheduler, train_loader, eval_loader, total_steps)
 
 
 # ---------------------------------------------------------------------------
@@ -689,7 +716,7 @@ def check_resume_compatible(trainer_state: dict, expected: dict, checkpoint: Pat
 
 @dataclass
 class LoopState:
-    """Where the loop is: optimiser steps taken and pairs seen."""
+    """Loop progress: optimiser steps taken and pairs seen."""
 
     step: int = 0
     examples_seen: int = 0
@@ -805,7 +832,7 @@ def run_training(
     `training.save_every` steps, and after SIGTERM or SIGINT, after which
     TrainingInterrupted is raised. `resume_from` restores such a checkpoint,
     so the run continues with the same weights, optimiser, schedule, RNG and
-    data position. `run_identity` holds settings, such as the loss and its
+    data position. `run_identity` contains settings, such as the loss and its
     beta, that are saved with each checkpoint and must match on resume.
     """
     sampler: GlobalBatchSampler = train_loader.batch_sampler

@@ -24,8 +24,8 @@ import training
 REPOSITORY = Path(__file__).resolve().parent.parent
 # Relative tolerance between one and two processes. Policy log-probs of the
 # same pairs padded to different batch widths differ in float32 rounding
-# (about 3e-6 at step 1), and Adam's normalised updates amplify that to about
-# 3e-5 by step 3, because the cached reference log-probs do not share it.
+# (about 3e-6 at step 1). The cached reference log-probs do not share that
+# rounding, so it does not cancel, and Adam amplifies it to about 3e-5 by step 3.
 TOLERANCE = 2e-4
 
 
