@@ -358,6 +358,7 @@ def main(config: DictConfig) -> None:
     started = time.perf_counter()
     try:
         train_dpo(config, run_dir)
+        training.close_process_group()
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)

@@ -522,6 +522,7 @@ def run_reward_job(config: DictConfig, run_dir: Path) -> dict[str, float] | Path
 def main(config: DictConfig) -> None:
     try:
         run_reward_job(config, training.shared_run_dir(Path(HydraConfig.get().runtime.output_dir)))
+        training.close_process_group()
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)

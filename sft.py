@@ -147,6 +147,7 @@ def train_sft(config: DictConfig, run_dir: Path) -> dict[str, float]:
 def main(config: DictConfig) -> None:
     try:
         train_sft(config, training.shared_run_dir(Path(HydraConfig.get().runtime.output_dir)))
+        training.close_process_group()
     except training.TrainingInterrupted as interrupted:
         log.warning("%s", interrupted)
         sys.exit(interrupted.exit_code)

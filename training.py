@@ -153,6 +153,17 @@ def shared_run_dir(run_dir: Path) -> Path:
     return Path(broadcast_object_list([str(run_dir)])[0])
 
 
+def close_process_group() -> None:
+    """Destroy the process group of a multi-process run after all processes finish.
+
+    Without this, a process can abort at exit ("terminate called without an
+    active exception") while the communication threads are still running.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def make_accelerator(training: DictConfig) -> Accelerator:
     """Create the Accelerator (device: CUDA, then MPS, then CPU) and seed every RNG.
 
